@@ -1,0 +1,248 @@
+"""Run configuration: validated pydantic models loaded from YAML profiles in layers.
+
+A profile is resolved as: the defaults in these models, then the profile's YAML, then
+``key.path=value`` overrides from the command line. The resolved config is written beside
+every run's outputs, so a result can always be traced to the settings that produced it.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROFILE_PACKAGE = "samclip.configs"
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class StorageConfig(Section):
+    root: str = "runs/smoke"  # every output goes under this URI: a local path, file://, or s3://
+    endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the standard AWS_* variables
+    region: str | None = None
+
+
+class RayConfig(Section):
+    address: str | None = None  # None starts a local Ray; RAY_ADDRESS in the environment wins over this
+    num_cpus: int | None = None  # CPUs for a local Ray; None means all of this machine's
+    include_dashboard: bool = False
+    object_store_memory_mb: int | None = 512
+
+
+class DataConfig(Section):
+    source: str = "builtin:photos"  # "builtin:photos" or a URI of a folder or prefix of images
+    labels: str | None = None  # optional CSV/Parquet of (uri or file name, label) for evaluation
+    augment_crops: int = 0  # extra deterministic crops per image (the originals always stay)
+    sample_fraction: float = Field(1.0, gt=0, le=1)  # deterministic by content hash
+    val_fraction: float = Field(0.2, ge=0, lt=1)  # deterministic by content hash
+    min_side: int = Field(32, ge=1)  # pixels; smaller images are rejected with a reason
+    max_aspect: float = Field(8.0, ge=1)  # long side / short side; wider images are rejected
+    max_pixels: int = Field(50_000_000, ge=1)  # images with more pixels are rejected (decompression bombs)
+    limit: int | None = None  # keep at most this many images after sampling (for quick runs)
+
+
+class SamTeacherConfig(Section):
+    variant: str = "tiny"  # SAM architecture: tiny, vit_b, vit_l, vit_h
+    checkpoint: str = "{root}/teachers/sam_tiny.pth"  # official SAM layout; {root} is storage.root
+    create_random: bool = True  # write a deterministic random checkpoint if none exists (smoke only)
+
+
+class ClipTeacherConfig(Section):
+    model: str = "samclip-tiny-clip"  # an open_clip model name, or the name in model_config
+    model_config_path: str | None = "{root}/teachers/samclip-tiny-clip.json"  # open_clip JSON for custom models
+    weights: str = "{root}/teachers/samclip-tiny-clip.bin"  # open_clip state dict (.bin/.pt/.safetensors)
+    create_random: bool = True
+
+
+class TeachersConfig(Section):
+    sam: SamTeacherConfig = SamTeacherConfig()
+    clip: ClipTeacherConfig = ClipTeacherConfig()
+    seed: int = 0  # seed of the random smoke teachers
+
+
+class StudentConfig(Section):
+    arch: str = "tiny"  # student registry name: tiny or vit_b
+    clip_head_depth: int = Field(3, ge=1)
+    pooling: Literal["max", "mean"] = "max"
+    mlp_hidden_layers: int = Field(2, ge=1)
+
+
+class PrecomputeConfig(Section):
+    batch_size: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1)  # Ray Data actor pool size per teacher
+    cpus_per_actor: float = Field(1.0, gt=0)
+    dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the features
+    rows_per_shard: int = Field(256, ge=1)
+
+
+class StageConfig(Section):
+    """One training stage; which parameters train is fixed by the stage's kind."""
+
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = None  # stop after this many optimiser steps (quick runs)
+    lr: float = Field(8e-4, gt=0)  # learning rate of the CLIP head
+    lr_ratio: float = Field(0.1, gt=0)  # backbone and SAM head lr as a fraction of lr (stage 2)
+    sam_loss_weight: float = Field(10.0, ge=0)  # lambda in L_CLIP + lambda * L_SAM (stage 2)
+    weight_decay: float = 0.05
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = 1.0
+    clip_batch_size: int = Field(8, ge=1)  # images per CLIP batch, per worker
+    sam_batch_size: int = Field(2, ge=1)  # images per SAM batch, per worker (stage 2)
+    masks_per_image: int = Field(4, ge=1)  # sampled prompts per SAM image (stage 2)
+    clip_resolution: int = Field(128, ge=16)  # input side of the student's CLIP branch
+    focal_weight: float = 20.0  # SAM used 20:1 focal:dice in its own training
+    dice_weight: float = 1.0
+    checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 means once per epoch
+    early_stopping_patience: int | None = None  # epochs without val improvement before stopping
+
+
+class TrainConfig(Section):
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    stage1: StageConfig = StageConfig(lr=8e-4)
+    stage2: StageConfig = StageConfig(lr=4e-5)
+    stage3: StageConfig = StageConfig(lr=8e-4, clip_resolution=256)
+    run_stage3: bool = True
+
+
+class SearchDim(Section):
+    """One search dimension: ``loguniform``/``uniform`` over [low, high], or ``choice`` of values."""
+
+    kind: Literal["loguniform", "uniform", "choice", "grid"] = "loguniform"
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "SearchDim":
+        if self.kind in ("loguniform", "uniform") and (self.low is None or self.high is None):
+            raise ValueError(f"search dimension of kind {self.kind!r} needs 'low' and 'high'")
+        if self.kind in ("choice", "grid") and not self.values:
+            raise ValueError(f"search dimension of kind {self.kind!r} needs a non-empty 'values' list")
+        return self
+
+
+class SweepConfig(Section):
+    name: str = "stage2-sweep"
+    num_samples: int = Field(4, ge=1)
+    space: dict[str, SearchDim] = Field(
+        default_factory=lambda: {
+            "sam_loss_weight": SearchDim(kind="loguniform", low=1.0, high=100.0),
+            "lr_ratio": SearchDim(kind="loguniform", low=0.03, high=0.3),
+        }
+    )  # keys are StageConfig fields
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    max_concurrent_trials: int | None = None  # None derives it from the cluster's CPUs
+    cpus_per_trial_driver: float = 0.1
+    clip_weight: float = 1.0  # winner score = clip_weight * clip_objective + sam_weight * sam_objective
+    sam_weight: float = 1.0
+
+
+class EvaluateConfig(Section):
+    templates: Literal["openai", "simple"] = "openai"  # class-name prompts: OpenAI's 80 or one template
+    seg_resolution: int = Field(128, ge=16)  # side of the student's input for zero-shot segmentation
+    prompts_per_image: int = Field(8, ge=1)  # prompts for SAM mask agreement on held-out images
+    overlays: int = Field(4, ge=0)  # images drawn with overlays
+
+
+class RegisterConfig(Section):
+    tracking_uri: str = "sqlite:///{root}/mlflow.db"
+    artifact_root: str = "{root}/mlartifacts"
+    experiment: str = "samclip"
+    model_name: str = "samclip-smoke"
+    alias: str = "candidate"
+
+
+class PipelineConfig(Section):
+    profile: str = "smoke"
+    description: str = ""
+    seed: int = 0
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    student: StudentConfig = StudentConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    train: TrainConfig = TrainConfig()
+    sweep: SweepConfig = SweepConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    registry: RegisterConfig = RegisterConfig()
+
+    def resolve_uri(self, template: str) -> str:
+        """Expand ``{root}`` in a configured location to the storage root."""
+        return template.replace("{root}", self.storage.root.rstrip("/"))
+
+    def uri(self, *parts: str) -> str:
+        """Join path parts under the storage root."""
+        return "/".join([self.storage.root.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def available_profiles() -> list[str]:
+    """List the profile names shipped with the package."""
+    files = resources.files(PROFILE_PACKAGE).iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def _read_profile(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+        origin = str(path)
+    else:
+        resource = resources.files(PROFILE_PACKAGE) / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ValueError(
+                f"profile {name_or_path!r} not found: pass one of {available_profiles()} "
+                "or the path of a YAML file"
+            )
+        text = resource.read_text()
+        origin = name_or_path
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"profile {origin} must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"invalid override {override!r}: expected key.path=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw else None
+    node = data
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"invalid override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> PipelineConfig:
+    """Load a profile by name or path, apply ``key.path=value`` overrides, and validate it.
+
+    ``SAMCLIP_STORAGE_ROOT`` in the environment replaces ``storage.root`` (before overrides),
+    which lets tests and schedulers redirect every output without editing a profile.
+    """
+    data = _read_profile(profile)
+    data.setdefault("profile", Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile)
+    env_root = os.environ.get("SAMCLIP_STORAGE_ROOT")
+    if env_root:
+        data.setdefault("storage", {})["root"] = env_root
+    for override in overrides or []:
+        _apply_override(data, override)
+    return PipelineConfig.model_validate(data)
+
+
+def dump_config(config: PipelineConfig) -> str:
+    """Render the resolved config as YAML (it holds no credentials: those come from the environment)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

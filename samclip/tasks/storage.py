@@ -1,0 +1,160 @@
+"""Storage on any fsspec URI, with atomic commits.
+
+Nothing appears at its final key until it is complete: local files are written to a
+temporary name in the same folder and renamed; object stores receive a single PUT of the
+whole object, which S3-compatible stores make visible only once complete. A crash therefore
+never leaves a truncated file that looks valid, and a rerun can trust that what exists is whole.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TMP_PREFIX = ".tmp-"
+
+
+def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
+    """Return fsspec options for a URI: the S3 endpoint when one is configured.
+
+    Credentials are never passed here; s3fs reads the standard AWS_* variables itself, so no
+    secret ends up in a config, a log or a saved artifact.
+    """
+    endpoint = endpoint_url or os.environ.get("SAMCLIP_S3_ENDPOINT_URL")
+    if uri.startswith("s3://") and endpoint:
+        return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+@lru_cache(maxsize=16)
+def _filesystem(protocol_key: str, endpoint: str | None) -> fsspec.AbstractFileSystem:
+    options = storage_options(protocol_key, endpoint)
+    return fsspec.filesystem(protocol_key.split("://")[0] if "://" in protocol_key else "file", **options)
+
+
+def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return the fsspec filesystem of a URI and the path within it."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    endpoint = endpoint_url or os.environ.get("SAMCLIP_S3_ENDPOINT_URL")
+    fs = _filesystem(f"{protocol}://", endpoint if protocol == "s3" else None)
+    path = fs._strip_protocol(uri)
+    if protocol == "file":
+        path = os.path.abspath(path)
+    return fs, path
+
+
+def pyarrow_filesystem(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """Return a pyarrow filesystem and path for a URI (for Ray Data and Ray Train storage)."""
+    fs, path = filesystem(uri, endpoint_url)
+    if _is_local(fs):
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join parts onto a URI with forward slashes."""
+    return "/".join([uri.rstrip("/"), *[p.strip("/") for p in parts if p]])
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if _is_local(fs):  # object stores have no folders to create
+        fs.makedirs(path, exist_ok=True)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write bytes to a URI atomically: the final key exists only once all bytes are there."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        # One PUT of the whole object: S3 never exposes a partial object at its key.
+        fs.pipe_file(path, data)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return handle.read()
+
+
+def write_json(uri: str, payload: Any) -> None:
+    write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    """Serialise a table in memory and commit it atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=columns)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """List complete files under a URI (recursively), skipping temporary names; sorted URIs."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    found = []
+    for name in fs.find(path):
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith(TMP_PREFIX) or not base.endswith(suffix):
+            continue
+        found.append(_to_uri(uri, fs, name))
+    return sorted(found)
+
+
+def local_path(uri: str) -> str | None:
+    """Return the local path of a file:// or plain-path URI, or None for remote stores."""
+    fs, path = filesystem(uri)
+    return path if _is_local(fs) else None
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def _to_uri(base_uri: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if _is_local(fs):
+        return path
+    protocol = base_uri.split("://", 1)[0]
+    return f"{protocol}://{path}"

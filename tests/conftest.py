@@ -1,0 +1,37 @@
+"""Shared fixtures: one local Ray per test session, bound to loopback, and isolated homes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+# Prefect, MLflow and Ray write into the home folder unless told otherwise; keep every test
+# session's state in one temporary folder. Set before any of them is imported.
+_SESSION_HOME = tempfile.mkdtemp(prefix="samclip-tests-")
+os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_HOME, "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("SAMCLIP_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "samclip-ray-tests"))
+
+import samclip.tasks  # noqa: E402,F401  (sets Ray's loopback variables before ray is imported)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray on 127.0.0.1 shared by every test of the session."""
+    import ray
+
+    from samclip.config import RayConfig
+    from samclip.tasks.ray_cluster import init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> str:
+    return _SESSION_HOME
