@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PROFILE_PACKAGE = "samclip.configs"
 
@@ -28,6 +28,15 @@ class StorageConfig(Section):
     root: str = "runs/smoke"  # every output goes under this URI: a local path, file://, or s3://
     endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the standard AWS_* variables
     region: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _absolute_local_root(cls, value: str) -> str:
+        # A relative local root is anchored to the working directory once, so every URI
+        # recorded in manifests, lineage and the registry stays valid from any other folder.
+        if value.startswith("file://"):
+            value = value[len("file://"):]
+        return value if "://" in value else os.path.abspath(value)
 
 
 class RayConfig(Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import uuid
 from functools import lru_cache
 from typing import Any
@@ -128,9 +129,56 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(handle, columns=columns)
 
 
+def read_parquet_schema(uri: str) -> pa.Schema:
+    """Read a Parquet file's schema (with its metadata) from the footer, without the data."""
+    fs, path = filesystem(uri)
+    with fs.open(path, "rb") as handle:
+        return pq.read_schema(handle)
+
+
+def put_file(local: str, uri: str) -> None:
+    """Copy a local file to a URI atomically, streaming it rather than holding it in memory."""
+    fs, path = filesystem(uri)
+    if _is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
+            shutil.copyfile(local, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        # s3fs uploads large files in parts; S3 shows the object only after the upload completes.
+        fs.put_file(local, path)
+
+
+def get_file(uri: str, local: str) -> None:
+    """Download a URI to a local path atomically: the path exists only once the copy is whole."""
+    fs, path = filesystem(uri)
+    folder = os.path.dirname(os.path.abspath(local))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(local)}")
+    try:
+        fs.get_file(path, tmp)
+        os.replace(tmp, local)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def file_info(uri: str) -> dict[str, Any]:
+    """Return the store's metadata of one file (size, and ETag or modification time)."""
+    fs, path = filesystem(uri)
+    return fs.info(path)
+
+
 def list_files(uri: str, suffix: str = "") -> list[str]:
     """List complete files under a URI (recursively), skipping temporary names; sorted URIs."""
     fs, path = filesystem(uri)
+    # s3fs caches listings per process; files written by Ray workers would otherwise stay unseen.
+    fs.invalidate_cache(path)
     if not fs.exists(path):
         return []
     found = []

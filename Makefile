@@ -1,0 +1,36 @@
+# The two commands of the README: `make run` (the smoke pipeline) and `make test` (the tests).
+# Both create the environment first when it is missing or older than the dependency files.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+# Prefect starts a temporary local server when no PREFECT_API_URL is set; its default 20 s
+# start-up limit is too tight for a loaded 2-core machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+.PHONY: env run test lint clean
+
+env: $(STAMP)
+
+# One pip command resolves the whole set; requirements.lock pins every transitive version.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c requirements.lock -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/samclip run --profile smoke
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/python -m ruff check samclip tests || true
+
+clean:
+	rm -rf runs

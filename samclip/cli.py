@@ -1,0 +1,187 @@
+"""Command line: ``samclip run | precompute | sweep | verify-registered | profiles``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+_PROCESS_STARTED = time.monotonic()
+
+# Defaults for a run without a Prefect server: the temporary server Prefect starts needs more
+# than its default 20 s on a loaded 2-core machine. Values already in the environment win.
+_ENV_DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+def _add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="smoke", help="profile name or YAML path (default: smoke)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set train.stage1.epochs=3 (repeatable)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samclip", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "run the whole pipeline: curate → precompute → stages 1-3 with the sweep → evaluate → register"),
+        ("precompute", "curate the images and precompute the teachers' features"),
+        ("sweep", "precompute (reused), stage 1, then the stage 2 sweep"),
+    ):
+        _add_profile_arguments(commands.add_parser(name, help=help_text))
+    verify = commands.add_parser(
+        "verify-registered",
+        help="load a registered model in this process, re-evaluate it and compare with its registered evaluation",
+    )
+    verify.add_argument("model", help="NAME@ALIAS, e.g. samclip-smoke@candidate")
+    verify.add_argument("--tracking-uri", required=True, help="MLflow tracking URI of the registry")
+    verify.add_argument("--tolerance", type=float, default=1e-5, help="max absolute difference per metric")
+    commands.add_parser("profiles", help="list the shipped profiles")
+    return parser
+
+
+def _print_pipeline_summary(outputs, wall_seconds: float, flow_entry_seconds: float) -> None:
+    data = outputs.sweep.data
+    sweep = outputs.sweep.sweep
+    lines = [
+        "",
+        "SAM-CLIP pipeline finished",
+        f"  profile             {outputs.profile}",
+        f"  resolved config     {outputs.config_uri}",
+        f"  manifest            {data.manifest_uri}",
+        f"  rejects             {data.rejects_uri}",
+        f"  curation summary    {data.summary_uri}",
+        f"  clip features       {data.features['clip']}",
+        f"  sam features        {data.features['sam']}",
+        f"  computed this run   clip={data.computed['clip']} sam={data.computed['sam']}",
+        f"  stage 1 checkpoint  {outputs.sweep.stage1.checkpoint_uri}",
+        f"  sweep table         {sweep.table_uri}",
+        f"  sweep plot          {sweep.plot_uri}",
+        f"  stage 2 (best)      {sweep.best['checkpoint_uri']}",
+        f"  stage 3 checkpoint  {outputs.stage3.checkpoint_uri if outputs.stage3 else '(skipped)'}",
+        f"  evaluation          {outputs.evaluation.report_md_uri}",
+        f"                      {outputs.evaluation.report_json_uri}",
+    ]
+    lines += [f"  overlay             {uri}" for uri in outputs.evaluation.overlay_uris]
+    registered = outputs.registered
+    lines += [
+        f"  registered model    {registered.name} version {registered.version} (@{registered.alias})",
+        f"  registry            {registered.tracking_uri}",
+        "",
+        "Evaluation (the smoke profile's teachers are random: these numbers measure agreement with them)",
+    ]
+    lines += [f"  {key:34s} {value:.4f}" for key, value in sorted(outputs.evaluation.metrics.items())]
+    timings = outputs.timings
+    work = sum(v for k, v in timings.items() if k != "ray_start")
+    startup = flow_entry_seconds + timings.get("ray_start", 0.0)
+    lines += ["", "Time per step (seconds)"]
+    lines += [f"  {key:20s} {value:7.1f}" for key, value in timings.items()]
+    lines += [
+        f"  {'prefect start-up':20s} {flow_entry_seconds:7.1f}",
+        "",
+        f"Total {wall_seconds:.1f} s: start-up (Prefect {flow_entry_seconds:.1f} s + Ray "
+        f"{timings.get('ray_start', 0.0):.1f} s) = {startup:.1f} s, steps {work:.1f} s",
+    ]
+    print("\n".join(lines))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from samclip.workflows.pipeline import pipeline_flow
+
+    called = time.time()
+    outputs = pipeline_flow(profile=args.profile, overrides=args.overrides)
+    _print_pipeline_summary(outputs, time.monotonic() - _PROCESS_STARTED, outputs.flow_started - called)
+    return 0
+
+
+def _precompute(args: argparse.Namespace) -> int:
+    from samclip.workflows.precompute_flow import precompute_flow
+
+    data = precompute_flow(profile=args.profile, overrides=args.overrides)
+    print(f"manifest  {data.manifest_uri}\nrejects   {data.rejects_uri}\nsummary   {data.summary_uri}")
+    for kind, uri in data.features.items():
+        print(f"{kind} features  {uri}  (computed this run: {data.computed[kind]})")
+    print("curation:", json.dumps(data.curate_counts, sort_keys=True))
+    print("seconds:", json.dumps({k: round(v, 1) for k, v in data.timings.items()}))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from samclip.workflows.sweep_flow import sweep_flow
+
+    outputs = sweep_flow(profile=args.profile, overrides=args.overrides)
+    print(f"sweep table  {outputs.sweep.table_uri}\nsweep plot   {outputs.sweep.plot_uri}")
+    print("best:", json.dumps(outputs.sweep.best, sort_keys=True, default=str))
+    return 0
+
+
+def _verify_registered(args: argparse.Namespace) -> int:
+    import yaml
+
+    from samclip.config import PipelineConfig
+    from samclip.tasks.evaluate import evaluate
+    from samclip.tasks.register import load_registered
+
+    if "@" not in args.model:
+        print(f"invalid model {args.model!r}: expected NAME@ALIAS", file=sys.stderr)
+        return 2
+    name, alias = args.model.split("@", 1)
+    model, meta = load_registered(name, alias, args.tracking_uri)
+    config_path = os.path.join(meta["path"], "config.yaml")
+    config = PipelineConfig.model_validate(yaml.safe_load(open(config_path)))
+    lineage = meta["lineage"]
+    result = evaluate(
+        config,
+        None,
+        lineage["manifest_uri"],
+        lineage["features"],
+        name=f"verify-{name}-v{meta['version']}",
+        model=model,
+    )
+    registered = meta["evaluation"]
+    print(f"{name}@{alias} is version {meta['version']} (run {meta['run_id']})")
+    worst = 0.0
+    for key in sorted(registered):
+        now = result.metrics.get(key, float("nan"))
+        difference = abs(now - registered[key])
+        worst = max(worst, difference) if difference == difference else float("inf")
+        print(f"  {key:34s} registered {registered[key]:.6f}  now {now:.6f}  diff {difference:.2e}")
+    print(f"max abs difference {worst:.2e} (tolerance {args.tolerance:.0e})")
+    return 0 if worst <= args.tolerance else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in _ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import samclip.tasks  # noqa: F401  (sets Ray's loopback variables before ray is imported)
+    from samclip.logs import setup_logging
+
+    setup_logging()
+    args = _parser().parse_args(argv)
+    if args.command == "profiles":
+        from samclip.config import available_profiles
+
+        print("\n".join(available_profiles()))
+        return 0
+    handlers = {
+        "run": _run,
+        "precompute": _precompute,
+        "sweep": _sweep,
+        "verify-registered": _verify_registered,
+    }
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Stable run names: derived from the settings that determine a result, never from timestamps.
+
+A rerun with the same settings gets the same name, so Ray Train and Ray Tune resume the run
+(or find it finished) instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from samclip.config import PipelineConfig
+
+# The config sections that determine each stage's result.
+_STAGE_INPUTS = {
+    1: ("seed", "data", "teachers", "student", "train.workers", "train.stage1"),
+    2: ("seed", "data", "teachers", "student", "train.workers", "train.stage1", "train.stage2", "sweep"),
+    3: ("seed", "data", "teachers", "student", "train", "sweep"),
+}
+
+
+def digest(payload: object, length: int = 10) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _select(config: PipelineConfig, paths: tuple[str, ...]) -> dict[str, object]:
+    dumped = config.model_dump(mode="json")
+    selected: dict[str, object] = {}
+    for path in paths:
+        node: object = dumped
+        for part in path.split("."):
+            node = node[part]  # type: ignore[index]
+        selected[path] = node
+    return selected
+
+
+def stage_run_name(config: PipelineConfig, stage: int) -> str:
+    """Return the Ray Train run name of a stage, e.g. ``stage1-3f9a0c1b2d``."""
+    return f"stage{stage}-{digest(_select(config, _STAGE_INPUTS[stage]))}"
+
+
+def sweep_name(config: PipelineConfig) -> str:
+    """Return the Ray Tune experiment name: the configured name plus a digest of its inputs."""
+    return f"{config.sweep.name}-{digest(_select(config, _STAGE_INPUTS[2]))}"

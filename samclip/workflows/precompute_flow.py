@@ -1,0 +1,59 @@
+"""Data engineers' flow: curate the images, then precompute both teachers' features.
+
+Run alone with ``samclip precompute --profile smoke``; the sweep and pipeline flows call it first.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prefect import flow
+
+from samclip.config import load_config
+from samclip.workflows import steps
+
+
+@dataclass
+class DataOutputs:
+    manifest_uri: str
+    rejects_uri: str
+    summary_uri: str
+    features: dict[str, str]
+    computed: dict[str, int]
+    teachers: Any
+    curate_counts: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@flow(name="samclip-precompute", log_prints=False)
+def precompute_flow(profile: str = "smoke", overrides: list[str] | None = None) -> DataOutputs:
+    config = load_config(profile, overrides)
+    timings: dict[str, float] = {}
+
+    ray_info = steps.connect_ray(config)
+    timings["ray_start"] = ray_info["seconds"]
+
+    started = time.monotonic()
+    teachers = steps.prepare_teachers(config)
+    timings["teachers"] = time.monotonic() - started
+
+    started = time.monotonic()
+    curated = steps.curate_images(config)
+    timings["curate"] = time.monotonic() - started
+
+    started = time.monotonic()
+    features = steps.precompute_features(config, curated.manifest_uri, teachers)
+    timings["precompute"] = time.monotonic() - started
+
+    return DataOutputs(
+        manifest_uri=curated.manifest_uri,
+        rejects_uri=curated.rejects_uri,
+        summary_uri=curated.summary_uri,
+        features=features.features,
+        computed=features.computed,
+        teachers=teachers,
+        curate_counts=curated.counts,
+        timings=timings,
+    )
