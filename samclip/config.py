@@ -75,6 +75,7 @@ class TeachersConfig(Section):
     sam: SamTeacherConfig = SamTeacherConfig()
     clip: ClipTeacherConfig = ClipTeacherConfig()
     seed: int = 0  # seed of the random smoke teachers
+    cache_dir: str | None = None  # local folder for copies of remote teacher files; None: $SAMCLIP_CACHE_DIR or ~/.cache/samclip
 
 
 class StudentConfig(Section):
@@ -90,6 +91,7 @@ class PrecomputeConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the features
     rows_per_shard: int = Field(256, ge=1)
+    features_root: str = "{root}/features"  # feature folders are keyed by teacher fingerprint, so runs can share one root
 
 
 class StageConfig(Section):
@@ -111,12 +113,14 @@ class StageConfig(Section):
     dice_weight: float = 1.0
     checkpoint_every: int = Field(0, ge=0)  # steps between checkpoints; 0 means once per epoch
     early_stopping_patience: int | None = None  # epochs without val improvement before stopping
+    log_every: int = Field(10, ge=1)  # optimiser steps between log lines (the first and last always log)
 
 
 class TrainConfig(Section):
     workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint; -1 retries forever
     stage1: StageConfig = StageConfig(lr=8e-4)
     stage2: StageConfig = StageConfig(lr=4e-5)
     stage3: StageConfig = StageConfig(lr=8e-4, clip_resolution=256)

@@ -35,3 +35,12 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def session_dir() -> str:
     return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test harness (a temporary database and API) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

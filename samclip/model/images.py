@@ -213,7 +213,7 @@ def student_clip_input(image: np.ndarray, size: int) -> torch.Tensor:
     left = int(round((width - side) / 2.0))
     crop = image[top : top + side, left : left + side]
 
-    pixels = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float()  # (3, s, s)
+    pixels = torch.from_numpy(crop.copy()).permute(2, 0, 1).float()  # (3, s, s)
     pixels = F.interpolate(
         pixels[None], size=(size, size), mode="bicubic", align_corners=False, antialias=True
     )[0]

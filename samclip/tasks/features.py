@@ -70,15 +70,7 @@ def write_feature_shard(
         logger.debug("shard %s already exists; keeping it", uri)
         return uri
 
-    little_endian = np.ascontiguousarray(arrays, dtype=np.dtype(dtype).newbyteorder("<"))
-    count = len(hashes)
-    # One values buffer plus offsets builds the binary column without a Python bytes per row.
-    offsets = np.arange(count + 1, dtype=np.int64) * layout.row_bytes
-    embedding = pa.Array.from_buffers(
-        pa.large_binary(),
-        count,
-        [None, pa.py_buffer(offsets), pa.py_buffer(little_endian.reshape(-1).view(np.uint8))],
-    ).cast(pa.binary())
+    embedding = encode_embeddings(arrays, layout)
     metadata = {
         "format": FORMAT,
         "dtype": layout.dtype,
@@ -87,6 +79,46 @@ def write_feature_shard(
     table = pa.table({"hash": pa.array(hashes, pa.string()), "embedding": embedding})
     storage.write_parquet(table.replace_schema_metadata(metadata), uri)
     return uri
+
+
+def encode_embeddings(arrays: np.ndarray, layout: FeatureLayout) -> pa.Array:
+    """Pack (N, *shape) arrays into a binary column of raw little-endian rows."""
+    little_endian = np.ascontiguousarray(arrays, dtype=np.dtype(layout.dtype).newbyteorder("<"))
+    count = int(arrays.shape[0])
+    # One values buffer plus offsets builds the column without a Python bytes object per row.
+    offsets = np.arange(count + 1, dtype=np.int64) * layout.row_bytes
+    values = pa.py_buffer(little_endian.reshape(-1).view(np.uint8))
+    column = pa.Array.from_buffers(pa.large_binary(), count, [None, pa.py_buffer(offsets), values])
+    return column.cast(pa.binary())
+
+
+def decode_embeddings(
+    column: pa.Array | pa.ChunkedArray, layout: FeatureLayout, source: str = "column"
+) -> np.ndarray:
+    """Rebuild writable (N, *shape) arrays from a binary column of raw little-endian rows.
+
+    Raises ValueError naming ``source`` when a row is null or has the wrong number of bytes.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    values = column.cast(pa.large_binary())
+    count = len(values)
+    if count == 0:
+        return np.empty((0, *layout.shape), dtype=layout.dtype)
+    if values.null_count:
+        raise ValueError(f"{source} has {values.null_count} null embeddings")
+    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + count + 1]
+    lengths = np.diff(offsets)
+    if not np.all(lengths == layout.row_bytes):
+        bad = int(np.flatnonzero(lengths != layout.row_bytes)[0])
+        raise ValueError(
+            f"{source} row {bad} has {int(lengths[bad])} bytes, expected "
+            f"{layout.row_bytes} for {layout.dtype} {layout.shape}"
+        )
+    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    stored = np.dtype(layout.dtype).newbyteorder("<")
+    # the copy makes the arrays writable and native-endian
+    return data.view(stored).reshape(count, *layout.shape).astype(layout.dtype, copy=True)
 
 
 def list_shards(uri_dir: str) -> list[str]:
@@ -144,7 +176,7 @@ def read_features(
         table = storage.read_parquet(uri)
         layout = _check_layout(uri, table.schema, layout)
         assert layout is not None
-        arrays = _decode_embeddings(uri, table.column("embedding"), layout)
+        arrays = decode_embeddings(table.column("embedding"), layout, f"feature shard {uri}")
         for index, key in enumerate(table.column("hash").to_pylist()):
             if wanted is None or key in wanted:
                 found[key] = arrays[index]
@@ -202,25 +234,3 @@ def _check_layout(uri: str, schema: pa.Schema, expected: FeatureLayout | None) -
             "teacher or dtype are in this folder; remove that shard or use another folder"
         )
     return layout
-
-
-def _decode_embeddings(uri: str, column: pa.ChunkedArray, layout: FeatureLayout) -> np.ndarray:
-    """Rebuild (N, *shape) arrays from a binary column; copies once so the result is writable."""
-    values = column.combine_chunks().cast(pa.large_binary())
-    count = len(values)
-    if count == 0:
-        return np.empty((0, *layout.shape), dtype=layout.dtype)
-    if values.null_count:
-        raise ValueError(f"feature shard {uri} has {values.null_count} null embeddings")
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + count + 1]
-    lengths = np.diff(offsets)
-    if not np.all(lengths == layout.row_bytes):
-        bad = int(np.flatnonzero(lengths != layout.row_bytes)[0])
-        raise ValueError(
-            f"feature shard {uri} row {bad} has {int(lengths[bad])} bytes, expected "
-            f"{layout.row_bytes} for {layout.dtype} {layout.shape}"
-        )
-    data = np.frombuffer(values.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-    stored = np.dtype(layout.dtype).newbyteorder("<")
-    arrays = data.view(stored).reshape(count, *layout.shape)
-    return arrays.astype(layout.dtype, copy=True)

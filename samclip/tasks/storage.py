@@ -36,6 +36,17 @@ def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]
     return {}
 
 
+def configure_endpoint(endpoint_url: str | None) -> None:
+    """Make a configured S3 endpoint the default for this process (the driver or a Ray worker).
+
+    Every helper here reads ``SAMCLIP_S3_ENDPOINT_URL``; Ray workers are separate processes, so
+    a step passes ``storage.endpoint_url`` to its workers and each calls this first. None keeps
+    whatever the environment already sets.
+    """
+    if endpoint_url:
+        os.environ["SAMCLIP_S3_ENDPOINT_URL"] = endpoint_url
+
+
 @lru_cache(maxsize=16)
 def _filesystem(protocol_key: str, endpoint: str | None) -> fsspec.AbstractFileSystem:
     options = storage_options(protocol_key, endpoint)

@@ -1,0 +1,339 @@
+"""Curate an image set: decode-check, hash, de-duplicate, sample and split.
+
+Ray Data reads and decode-checks every listed file in parallel, through the same
+``decode_image`` that precompute, training and evaluation use, so an image that passes here
+decodes everywhere. The driver then makes every choice from content hashes only, so a rerun
+over the same files gives the same manifest whatever order the store lists them in:
+
+- duplicates: of files with equal bytes the lexicographically first URI stays;
+- sample: a file is kept when ``int(hash[:8], 16) / 2**32 < sample_fraction``;
+- split: a kept file is ``val`` when ``int(hash[8:16], 16) / 2**32 < val_fraction``, so the
+  split does not depend on the sample;
+- limit: the kept files with the smallest hashes, which are a prefix of the sample order.
+
+Outputs under ``{root}/curate/``: ``manifest.parquet`` (hash, uri, width, height, split,
+label, source), ``rejects.parquet`` (uri, reason, detail) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from samclip.config import DataConfig, PipelineConfig
+from samclip.model.images import ImageRejected, decode_image
+from samclip.tasks import storage
+from samclip.tasks.ray_cluster import init_ray
+from samclip.tasks.sources import BUILTIN_SOURCE, materialise_builtin_photos
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CHECK_BATCH_SIZE = 32  # files per Ray Data batch; decoding dominates, so batches stay small
+MAX_BLOCKS = 1000
+PROGRESS_EVERY_S = 10.0
+REASON_DUPLICATE = "duplicate"
+REASON_UNREADABLE = "unreadable"
+
+CHECK_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("hash", pa.string()),
+        ("bytes", pa.int64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("hash", pa.string()),
+        ("uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("split", pa.string()),
+        ("label", pa.string()),
+        ("source", pa.string()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+
+
+@dataclass
+class CurateResult:
+    """Where curation wrote its tables, and its counts (also in the summary)."""
+
+    manifest_uri: str
+    rejects_uri: str
+    summary_uri: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def curate(config: PipelineConfig) -> CurateResult:
+    """List, check, de-duplicate, sample and split the configured images; write the tables."""
+    data = config.data
+    started = time.perf_counter()
+    storage.configure_endpoint(config.storage.endpoint_url)
+
+    # list the source
+    if data.source == BUILTIN_SOURCE:
+        photos = materialise_builtin_photos(config.uri("data", "photos"), data.augment_crops, config.seed)
+        uris = [uri for uri, _ in photos]
+        labels = {uri: label for uri, label in photos}
+        label_base = config.uri("data", "photos")
+    else:
+        uris, skipped = list_images(data.source)
+        logger.info("listed %d images under %s (%d other files skipped)", len(uris), data.source, skipped)
+        labels = {}
+        label_base = data.source
+    if not uris:
+        raise ValueError(
+            f"no images found under {data.source!r} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
+            "set data.source to a folder or prefix that contains images"
+        )
+    if data.labels:
+        labels.update(_label_lookup(uris, read_labels(data.labels), label_base))
+
+    # decode-check every file with Ray Data
+    init_ray(config.ray)
+    checked = _check_images(uris, data, config.storage.endpoint_url)
+
+    # decide on the driver, from hashes only
+    accepted, rejects = _split_rejects(checked)
+    kept, duplicates = _deduplicate(accepted)
+    rejects.extend(duplicates)
+    sampled = [row for row in kept if _fraction(row["hash"], 0, 8) < data.sample_fraction]
+    sampled.sort(key=lambda row: row["hash"])
+    limited = sampled[: data.limit] if data.limit is not None else sampled
+
+    manifest_rows = [
+        {
+            "hash": row["hash"],
+            "uri": row["uri"],
+            "width": row["width"],
+            "height": row["height"],
+            "split": "val" if _fraction(row["hash"], 8, 16) < data.val_fraction else "train",
+            "label": labels.get(row["uri"]),
+            "source": data.source,
+        }
+        for row in limited
+    ]
+    rejects.sort(key=lambda row: (row["uri"], row["reason"]))
+
+    # write the outputs
+    seconds = time.perf_counter() - started
+    counts = _counts(len(uris), manifest_rows, rejects, len(kept) - len(sampled), len(sampled) - len(limited))
+    summary = _summary(config, counts, manifest_rows, limited, seconds)
+    result = CurateResult(
+        manifest_uri=config.uri("curate", "manifest.parquet"),
+        rejects_uri=config.uri("curate", "rejects.parquet"),
+        summary_uri=config.uri("curate", "summary.json"),
+        counts=counts,
+    )
+    storage.write_parquet(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA), result.manifest_uri)
+    storage.write_parquet(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), result.rejects_uri)
+    storage.write_json(result.summary_uri, summary)
+    logger.info(
+        "curated %d images (%d train, %d val), %d rejected, in %.1f s; manifest %s",
+        counts["accepted"], counts["train"], counts["val"], counts["rejected"], seconds,
+        result.manifest_uri,
+    )
+    return result
+
+
+def list_images(source: str) -> tuple[list[str], int]:
+    """List image files under a folder or prefix, recursively; returns (uris, other files)."""
+    files = storage.list_files(source)
+    images = [uri for uri in files if uri.lower().endswith(IMAGE_EXTENSIONS)]
+    return images, len(files) - len(images)
+
+
+def read_labels(uri: str) -> dict[str, str]:
+    """Read a labels table (CSV or Parquet) with a ``label`` column and a key column.
+
+    The key column is the first of ``uri``, ``file``, ``path`` or ``name``; a key is matched
+    against a full URI, then a path relative to the source, then a file name.
+    """
+    if uri.endswith(".parquet"):
+        rows = storage.read_parquet(uri).to_pylist()
+    else:
+        rows = list(csv.DictReader(io.StringIO(storage.read_bytes(uri).decode("utf-8-sig"))))
+    columns = set(rows[0]) if rows else set()
+    key = next((name for name in ("uri", "file", "path", "name") if name in columns), None)
+    if key is None or "label" not in columns:
+        raise ValueError(
+            f"labels table {uri} has columns {sorted(columns)}; expected 'label' and one of "
+            "'uri', 'file', 'path' or 'name'"
+        )
+    return {str(row[key]): str(row["label"]) for row in rows if row.get("label") not in (None, "")}
+
+
+def _label_lookup(uris: list[str], table: dict[str, str], base: str) -> dict[str, str]:
+    base_path = storage.filesystem(base)[1].rstrip("/") + "/"
+    found = {}
+    for uri in uris:
+        path = storage.filesystem(uri)[1]
+        relative = path[len(base_path) :] if path.startswith(base_path) else None
+        for key in (uri, path, relative, os.path.basename(path)):
+            if key is not None and key in table:
+                found[uri] = table[key]
+                break
+    logger.info("labels: %d of %d images matched", len(found), len(uris))
+    return found
+
+
+def check_batch(
+    batch: pa.Table,
+    max_pixels: int,
+    min_side: int,
+    max_aspect: float,
+    endpoint_url: str | None = None,
+) -> pa.Table:
+    """Read, hash and decode-check each URI of a batch; one row per file (Ray Data UDF)."""
+    storage.configure_endpoint(endpoint_url)
+    rows: dict[str, list[Any]] = {name: [] for name in CHECK_SCHEMA.names}
+    for uri in batch.column("uri").to_pylist():
+        digest, size, width, height, reason, detail = None, None, None, None, None, None
+        try:
+            data = storage.read_bytes(uri)
+        except OSError as error:
+            reason, detail = REASON_UNREADABLE, f"{type(error).__name__}: {error}"
+        else:
+            digest, size = hashlib.sha256(data).hexdigest(), len(data)
+            try:
+                image = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+            except ImageRejected as rejected:
+                reason, detail = rejected.reason, rejected.detail
+            else:
+                height, width = image.shape[:2]
+        for name, value in zip(
+            CHECK_SCHEMA.names, (uri, digest, size, width, height, reason, detail), strict=True
+        ):
+            rows[name].append(value)
+    return pa.table(rows, schema=CHECK_SCHEMA)
+
+
+def _check_images(uris: list[str], data: DataConfig, endpoint_url: str | None) -> list[dict[str, Any]]:
+    import ray
+
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(uris) / CHECK_BATCH_SIZE)))
+    dataset = ray.data.from_items([{"uri": uri} for uri in uris], override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        check_batch,
+        batch_format="pyarrow",
+        batch_size=CHECK_BATCH_SIZE,
+        fn_kwargs={
+            "max_pixels": data.max_pixels,
+            "min_side": data.min_side,
+            "max_aspect": data.max_aspect,
+            "endpoint_url": endpoint_url,
+        },
+    )
+
+    started = last_log = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        rows.extend(batch.to_pylist())
+        now = time.perf_counter()
+        if now - last_log >= PROGRESS_EVERY_S:
+            last_log = now
+            logger.info(
+                "checked %d/%d images (%.1f images/s)", len(rows), len(uris), len(rows) / (now - started)
+            )
+    elapsed = time.perf_counter() - started
+    logger.info("checked %d images in %.1f s (%.1f images/s)", len(rows), elapsed, len(rows) / max(elapsed, 1e-9))
+    if len(rows) != len(uris):
+        raise RuntimeError(f"decode check returned {len(rows)} rows for {len(uris)} files")
+    return rows
+
+
+def _split_rejects(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    accepted, rejects = [], []
+    for row in rows:
+        if row["reason"] is None:
+            accepted.append(row)
+        else:
+            rejects.append({"uri": row["uri"], "reason": row["reason"], "detail": row["detail"] or ""})
+    return accepted, rejects
+
+
+def _deduplicate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Keep the lexicographically first URI of each hash; the others become rejects."""
+    first: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda row: row["uri"]):
+        first.setdefault(row["hash"], row)
+    duplicates = [
+        {
+            "uri": row["uri"],
+            "reason": REASON_DUPLICATE,
+            "detail": f"same bytes as {first[row['hash']]['uri']} (sha256 {row['hash'][:16]})",
+        }
+        for row in rows
+        if first[row["hash"]] is not row
+    ]
+    return list(first.values()), duplicates
+
+
+def _fraction(digest: str, start: int, stop: int) -> float:
+    """Map a slice of hex digits of a hash to [0, 1)."""
+    return int(digest[start:stop], 16) / 16 ** (stop - start)
+
+
+def _counts(
+    listed: int,
+    manifest: list[dict[str, Any]],
+    rejects: list[dict[str, Any]],
+    sampled_out: int,
+    over_limit: int,
+) -> dict[str, int]:
+    counts = {
+        "listed": listed,
+        "accepted": len(manifest),
+        "train": sum(row["split"] == "train" for row in manifest),
+        "val": sum(row["split"] == "val" for row in manifest),
+        "labelled": sum(row["label"] is not None for row in manifest),
+        "rejected": len(rejects),
+        "sampled_out": sampled_out,
+        "over_limit": over_limit,
+    }
+    for row in rejects:
+        key = f"rejected/{row['reason']}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _summary(
+    config: PipelineConfig,
+    counts: dict[str, int],
+    manifest: list[dict[str, Any]],
+    checked: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
+    def describe(values: list[int]) -> dict[str, float] | None:
+        if not values:
+            return None
+        return {"min": int(np.min(values)), "median": float(np.median(values)), "max": int(np.max(values))}
+
+    return {
+        "source": config.data.source,
+        "counts": counts,
+        "rejected_by_reason": {
+            key.split("/", 1)[1]: value for key, value in counts.items() if key.startswith("rejected/")
+        },
+        "bytes": int(sum(row["bytes"] for row in checked)),
+        "width": describe([row["width"] for row in manifest]),
+        "height": describe([row["height"] for row in manifest]),
+        "seconds": round(seconds, 3),
+        "data_config": config.data.model_dump(mode="json"),
+    }

@@ -1,0 +1,296 @@
+"""Precompute frozen-teacher features for a curated manifest with Ray Data actor pools.
+
+For each teacher the features go to ``{features_root}/{kind}-{fingerprint}/`` (see
+``samclip.tasks.features``). Only images whose hash is not in that folder yet are encoded, so
+a rerun computes nothing, new images cost only themselves, and another run with the same
+teachers reuses every feature already there.
+
+Per teacher, one Ray Data pipeline streams three stages:
+
+1. the manifest rows still missing, in blocks of ``batch_size`` rows;
+2. an actor pool of ``actors`` encoders, each loading the teacher once in ``__init__``; a batch
+   is read, checked against its manifest hash, decoded with ``decode_image`` and embedded
+   under ``torch.inference_mode``;
+3. a shard writer: each batch of up to ``rows_per_shard`` rows becomes one shard, committed
+   atomically, so an interrupted run keeps every shard it finished.
+
+Embeddings: CLIP, the (D,) image embedding before normalisation; SAM, the (C, h, w) output of
+the image encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from samclip.config import PipelineConfig
+from samclip.tasks import storage
+from samclip.tasks.features import (
+    FeatureLayout,
+    decode_embeddings,
+    encode_embeddings,
+    read_feature_hashes,
+    write_feature_shard,
+)
+from samclip.tasks.ray_cluster import init_ray
+from samclip.tasks.teachers import (
+    TeacherFiles,
+    ensure_teachers,
+    load_clip_teacher_from,
+    load_sam_teacher,
+)
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("clip", "sam")
+# CPUs reserved for each shard-writer task: writing is I/O, and it must fit beside a full
+# actor pool, because a stage that cannot be scheduled makes Ray Data wait forever.
+WRITER_CPUS = 0.25
+MAX_BLOCKS = 10_000
+PROGRESS_EVERY_S = 10.0
+LINEAGE_FILE = "teacher.json"
+
+
+@dataclass
+class PrecomputeResult:
+    """Feature folders per teacher kind, with what this run computed and what it reused."""
+
+    features: dict[str, str]  # kind -> feature folder URI
+    computed: dict[str, int]
+    reused: dict[str, int]
+    seconds: float
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    images_per_second: dict[str, float] = field(default_factory=dict)
+
+
+def precompute(
+    config: PipelineConfig, manifest_uri: str, teachers: TeacherFiles | None = None
+) -> PrecomputeResult:
+    """Compute the CLIP and SAM teacher features missing for the images of a manifest."""
+    started = time.perf_counter()
+    storage.configure_endpoint(config.storage.endpoint_url)
+    teachers = teachers or ensure_teachers(config)
+
+    manifest = storage.read_parquet(manifest_uri, columns=["hash", "uri"]).to_pylist()
+    unique = {row["hash"]: row["uri"] for row in manifest}
+    logger.info("precompute: %d images in %s", len(unique), manifest_uri)
+
+    init_ray(config.ray)
+    _check_resources(config)
+
+    result = PrecomputeResult(features={}, computed={}, reused={}, seconds=0.0)
+    for kind in KINDS:
+        fingerprint = teachers.clip_fingerprint if kind == "clip" else teachers.sam_fingerprint
+        folder = storage.join(config.resolve_uri(config.precompute.features_root), f"{kind}-{fingerprint}")
+        layout = feature_layout(kind, teachers, config.precompute.dtype)
+        present = read_feature_hashes(folder, expected=layout)
+        missing = [{"hash": key, "uri": uri} for key, uri in sorted(unique.items()) if key not in present]
+        _write_lineage(folder, kind, teachers, layout)
+
+        kind_started = time.perf_counter()
+        computed = _run_teacher(config, kind, teachers, folder, layout, missing) if missing else 0
+        elapsed = time.perf_counter() - kind_started
+
+        result.features[kind] = folder
+        result.fingerprints[kind] = fingerprint
+        result.computed[kind] = computed
+        result.reused[kind] = len(unique) - len(missing)
+        result.images_per_second[kind] = round(computed / elapsed, 2) if computed else 0.0
+        logger.info(
+            "%s features: %d computed (%.1f images/s), %d reused, in %s",
+            kind, computed, result.images_per_second[kind], result.reused[kind], folder,
+        )
+
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def feature_layout(kind: str, teachers: TeacherFiles, dtype: str) -> FeatureLayout:
+    """Return the stored dtype and per-image shape of one teacher's features."""
+    if kind == "clip":
+        return FeatureLayout(dtype=dtype, shape=(teachers.clip_embed_dim,))
+    if kind == "sam":
+        return FeatureLayout(dtype=dtype, shape=teachers.sam_embedding_shape)
+    raise ValueError(f"unknown feature kind {kind!r}; expected one of {KINDS}")
+
+
+class TeacherEncoder:
+    """Ray Data actor: embed a batch of manifest rows (hash, uri) with one frozen teacher.
+
+    Returns a table of ``hash`` and ``embedding`` (raw bytes in the storage dtype).
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        teachers: TeacherFiles,
+        layout: FeatureLayout,
+        num_threads: int,
+        decode_limits: dict[str, Any],
+        endpoint_url: str | None,
+    ) -> None:
+        import torch
+
+        storage.configure_endpoint(endpoint_url)
+        torch.set_num_threads(num_threads)
+        self.kind = kind
+        self.layout = layout
+        self.decode_limits = decode_limits
+        if kind == "clip":
+            self.teacher = load_clip_teacher_from(teachers)
+        else:
+            self.sam = load_sam_teacher(teachers)
+            self.sam_size = int(self.sam.image_encoder.img_size)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        hashes = batch.column("hash").to_pylist()
+        images = [
+            self._read_image(key, uri) for key, uri in zip(hashes, batch.column("uri").to_pylist(), strict=True)
+        ]
+        with torch.inference_mode():
+            embeddings = self._encode(images).float().numpy()  # (B, *shape)
+        if embeddings.shape[1:] != self.layout.shape:
+            raise RuntimeError(
+                f"{self.kind} teacher returned embeddings of shape {embeddings.shape[1:]}, "
+                f"expected {self.layout.shape}"
+            )
+        arrays = embeddings.astype(self.layout.dtype)
+        return pa.table({"hash": pa.array(hashes, pa.string()), "embedding": encode_embeddings(arrays, self.layout)})
+
+    def _encode(self, images: list[np.ndarray]):
+        import torch
+
+        if self.kind == "clip":
+            from samclip.model.clip_teacher import clip_input
+
+            inputs = torch.stack([clip_input(image, self.teacher) for image in images])  # (B, 3, S, S)
+            return self.teacher.encode_image(inputs)  # (B, D)
+        from samclip.model.images import batch_sam_inputs
+
+        inputs, _ = batch_sam_inputs(images, self.sam_size)  # (B, 3, S, S)
+        return self.sam.image_encoder(inputs)  # (B, C, h, w)
+
+    def _read_image(self, key: str, uri: str) -> np.ndarray:
+        from samclip.model.images import decode_image
+
+        data = storage.read_bytes(uri)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != key:
+            # The feature would be stored under a hash that no longer describes the file.
+            raise ValueError(
+                f"{uri} changed since curation: the manifest has sha256 {key}, the file has "
+                f"{digest}; rerun curate before precompute"
+            )
+        return decode_image(data, **self.decode_limits)
+
+
+def write_shard(batch: pa.Table, folder: str, layout: FeatureLayout, endpoint_url: str | None) -> pa.Table:
+    """Ray Data task: commit one batch of embeddings as one feature shard; returns its URI and size."""
+    storage.configure_endpoint(endpoint_url)
+    hashes = batch.column("hash").to_pylist()
+    arrays = decode_embeddings(batch.column("embedding"), layout, "encoder output")
+    uri = write_feature_shard(folder, hashes, arrays, layout.dtype, layout.shape)
+    return pa.table({"shard": [uri], "rows": [len(hashes)]})
+
+
+def _run_teacher(
+    config: PipelineConfig,
+    kind: str,
+    teachers: TeacherFiles,
+    folder: str,
+    layout: FeatureLayout,
+    missing: list[dict[str, str]],
+) -> int:
+    import ray
+
+    settings = config.precompute
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(missing) / settings.batch_size)))
+    logger.info(
+        "%s: encoding %d images with %d actor(s) of %.2f CPUs, batches of %d",
+        kind, len(missing), settings.actors, settings.cpus_per_actor, settings.batch_size,
+    )
+    dataset = ray.data.from_items(missing, override_num_blocks=blocks)
+    dataset = dataset.map_batches(
+        TeacherEncoder,
+        fn_constructor_kwargs={
+            "kind": kind,
+            "teachers": teachers,
+            "layout": layout,
+            "num_threads": max(1, int(settings.cpus_per_actor)),
+            "decode_limits": {
+                "max_pixels": config.data.max_pixels,
+                "min_side": config.data.min_side,
+                "max_aspect": config.data.max_aspect,
+            },
+            "endpoint_url": config.storage.endpoint_url,
+        },
+        compute=ray.data.ActorPoolStrategy(size=settings.actors),
+        num_cpus=settings.cpus_per_actor,
+        batch_size=settings.batch_size,
+        batch_format="pyarrow",
+    )
+    dataset = dataset.map_batches(
+        write_shard,
+        fn_kwargs={"folder": folder, "layout": layout, "endpoint_url": config.storage.endpoint_url},
+        batch_size=settings.rows_per_shard,
+        batch_format="pyarrow",
+        num_cpus=WRITER_CPUS,
+    )
+
+    started = last_log = time.perf_counter()
+    written = shards = 0
+    for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+        written += sum(batch.column("rows").to_pylist())
+        shards += batch.num_rows
+        now = time.perf_counter()
+        if now - last_log >= PROGRESS_EVERY_S:
+            last_log = now
+            logger.info(
+                "%s: %d/%d images in %d shards (%.1f images/s)",
+                kind, written, len(missing), shards, written / (now - started),
+            )
+    if written != len(missing):
+        raise RuntimeError(f"{kind}: wrote {written} features for {len(missing)} missing images")
+    return written
+
+
+def _check_resources(config: PipelineConfig) -> None:
+    """Reject an actor pool that leaves no CPU for the shard writers (Ray Data would hang)."""
+    import ray
+
+    settings = config.precompute
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    needed = settings.actors * settings.cpus_per_actor + WRITER_CPUS
+    if needed > total:
+        raise ValueError(
+            f"precompute needs {needed:g} CPUs ({settings.actors} actors x "
+            f"{settings.cpus_per_actor:g} CPUs + {WRITER_CPUS:g} for shard writers) but the Ray "
+            f"cluster has {total:g}; lower precompute.actors or precompute.cpus_per_actor"
+        )
+
+
+def _write_lineage(folder: str, kind: str, teachers: TeacherFiles, layout: FeatureLayout) -> None:
+    """Record once what produced a feature folder, for readers other than this pipeline."""
+    uri = storage.join(folder, LINEAGE_FILE)
+    if storage.exists(uri):
+        return
+    inputs = teachers.clip_fingerprint_inputs if kind == "clip" else teachers.sam_fingerprint_inputs
+    storage.write_json(
+        uri,
+        {
+            "kind": kind,
+            "fingerprint": teachers.clip_fingerprint if kind == "clip" else teachers.sam_fingerprint,
+            "fingerprint_inputs": inputs,
+            "dtype": layout.dtype,
+            "shape": list(layout.shape),
+        },
+    )

@@ -1,0 +1,244 @@
+"""Training stages 1-3 as Ray Train jobs: the driver side.
+
+``run_stage`` joins the manifest with the teacher features, starts a ``TorchTrainer`` whose
+workers run ``train_loop.train_loop_per_worker``, and returns the final checkpoint with the
+stage's metrics. Runs live under ``{train root}/{run_name}/``: Ray Train's checkpoints,
+``metrics.jsonl``, ``loss_curve.png`` and ``result.json``. A run name that already has a
+``result.json`` returns that result without training again; one without it resumes from its
+last checkpoint, because Ray Train restores a run by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from samclip.config import PipelineConfig, StageConfig, dump_config
+from samclip.tasks import storage
+from samclip.tasks.train_data import StageData, StageTables, build_stage_tables
+from samclip.tasks.train_loop import METRICS_FILE, LoopSettings, train_loop_per_worker
+from samclip.tasks.train_steps import check_stage
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+__all__ = ["StageData", "StageResult", "run_stage", "stage_config_for"]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a finished stage produced."""
+
+    run_name: str
+    checkpoint_uri: str  # the final student checkpoint folder
+    metrics: dict[str, float]  # the last reported metrics: train/..., val/..., lr/..., step, epoch
+    metrics_jsonl_uri: str
+    loss_curve_png_uri: str
+    seconds: float
+
+
+def stage_config_for(config: PipelineConfig, stage: int) -> StageConfig:
+    check_stage(stage)
+    return getattr(config.train, f"stage{stage}")
+
+
+def run_stage(
+    config: PipelineConfig,
+    stage: int,
+    data: StageData,
+    init_checkpoint: str | None,
+    run_name: str,
+    stage_config: StageConfig | None = None,
+    callbacks: list[Any] | None = None,
+    storage_uri: str | None = None,
+) -> StageResult:
+    """Train one stage with Ray Train and return its final checkpoint and metrics.
+
+    Args:
+        init_checkpoint: the previous stage's student checkpoint; None builds the student from
+            the SAM teacher (the usual start of stage 1).
+        run_name: a stable name; the same name resumes or returns the same run.
+        stage_config: overrides ``config.train.stage{stage}`` (the sweep passes sampled values).
+        callbacks: Ray Train user callbacks, such as Tune's ``TuneReportCallback``.
+        storage_uri: the folder that holds runs; ``config.uri("train")`` by default.
+    """
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from samclip.tasks.ray_cluster import init_ray
+    from samclip.tasks.teachers import ensure_teachers
+
+    started = time.perf_counter()
+    check_stage(stage)
+    stage_cfg = stage_config or stage_config_for(config, stage)
+    root = storage_uri or config.uri("train")
+    run_uri = storage.join(root, run_name)
+    storage.configure_endpoint(config.storage.endpoint_url)
+
+    result_uri = storage.join(run_uri, RESULT_FILE)
+    if storage.exists(result_uri):
+        logger.info("stage %d run %s is complete; reusing %s", stage, run_name, result_uri)
+        return StageResult(**storage.read_json(result_uri))
+
+    # data and settings for the workers
+    init_ray(config.ray)
+    tables = build_stage_tables(data, stage)
+    settings = _loop_settings(config, stage, stage_cfg, tables, init_checkpoint, run_uri, ensure_teachers(config))
+    logger.info(
+        "stage %d run %s: %s images (%s), %d steps",
+        stage, run_name, tables.counts["train"], ", ".join(f"{k} {v}" for k, v in tables.counts.items()),
+        settings.total_steps,
+    )
+
+    # the trainer
+    filesystem, path = storage.pyarrow_filesystem(root, config.storage.endpoint_url)
+    datasets = {"train": ray.data.from_arrow(tables.train), "val": ray.data.from_arrow(tables.val)}
+    if tables.train_sam is not None:
+        datasets["train_sam"] = ray.data.from_arrow(tables.train_sam)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"settings": settings},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage} run {run_name} finished without a checkpoint; see the worker logs")
+
+    # outputs beside the checkpoints
+    metrics_uri = storage.join(run_uri, METRICS_FILE)
+    png_uri = storage.join(run_uri, LOSS_CURVE_FILE)
+    plot_loss_curve(metrics_uri, png_uri, title=f"stage {stage}: {run_name}")
+    stage_result = StageResult(
+        run_name=run_name,
+        checkpoint_uri=_uri_of(root, result.checkpoint.path),
+        metrics={k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        metrics_jsonl_uri=metrics_uri,
+        loss_curve_png_uri=png_uri,
+        seconds=time.perf_counter() - started,
+    )
+    storage.write_json(result_uri, asdict(stage_result))
+    logger.info(
+        "stage %d run %s done in %.0f s: %s", stage, run_name, stage_result.seconds,
+        " ".join(f"{k} {v:.4f}" for k, v in stage_result.metrics.items() if k.startswith("val/")),
+    )
+    return stage_result
+
+
+def _loop_settings(
+    config: PipelineConfig,
+    stage: int,
+    stage_cfg: StageConfig,
+    tables: StageTables,
+    init_checkpoint: str | None,
+    run_uri: str,
+    teacher_files: Any,
+) -> LoopSettings:
+    workers = config.train.workers
+    # Ray Train splits each dataset into equal shards, dropping the remainder rows.
+    train_per_worker = tables.counts["train"] // workers
+    if train_per_worker == 0:
+        raise ValueError(
+            f"{tables.counts['train']} train images cannot feed {workers} workers: lower train.workers"
+        )
+    sam_per_worker = tables.counts["train_sam"] // workers
+    if stage == 2 and sam_per_worker == 0:
+        raise ValueError(
+            f"{tables.counts['train_sam']} train images with SAM features cannot feed {workers} workers: "
+            "lower train.workers or precompute SAM features for more images"
+        )
+    student = config.student
+    return LoopSettings(
+        stage=stage,
+        stage_config=stage_cfg.model_dump(mode="json"),
+        seed=config.seed,
+        arch=student.arch,
+        student_options={
+            "clip_head_depth": student.clip_head_depth,
+            "pooling": student.pooling,
+            "mlp_hidden_layers": student.mlp_hidden_layers,
+        },
+        embed_dim=tables.clip_spec.shape[0],
+        teacher_files=teacher_files,
+        init_checkpoint=init_checkpoint,
+        run_uri=run_uri,
+        steps_per_epoch=math.ceil(train_per_worker / stage_cfg.clip_batch_size),
+        sam_batches_per_pass=math.ceil(sam_per_worker / stage_cfg.sam_batch_size) if stage == 2 else 0,
+        clip_spec=tables.clip_spec,
+        sam_spec=tables.sam_spec,
+        val_has_sam=tables.counts["val_sam"] > 0,
+        config_yaml=dump_config(config),
+        max_pixels=config.data.max_pixels,
+        endpoint_url=config.storage.endpoint_url,
+        score_weights=(config.sweep.clip_weight, config.sweep.sam_weight),
+        torch_threads=max(1, int(config.train.cpus_per_worker)),
+    )
+
+
+def _uri_of(root_uri: str, storage_path: str) -> str:
+    """Turn a path on Ray Train's storage filesystem back into a URI like ``root_uri``."""
+    if storage.local_path(root_uri) is not None:
+        return storage_path
+    protocol = root_uri.split("://", 1)[0]
+    return f"{protocol}://{storage_path.lstrip('/')}"
+
+
+def read_metrics_jsonl(uri: str) -> list[dict[str, Any]]:
+    if not storage.exists(uri):
+        return []
+    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_uri: str, png_uri: str, title: str) -> str:
+    """Draw train and val losses against the step from ``metrics.jsonl`` into a PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = read_metrics_jsonl(metrics_uri)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for kind, key, style in (
+        ("train", "train/loss", "-"),
+        ("train", "train/clip_cosine", ":"),
+        ("eval", "val/loss", "o-"),
+        ("eval", "val/clip_cosine", "s--"),
+    ):
+        points = [(line["step"], line[key]) for line in lines if line.get("kind") == kind and key in line]
+        if points:
+            steps, values = zip(*points)
+            axis.plot(steps, values, style, label=key)
+    axis.set_xlabel("optimiser step")
+    axis.set_ylabel("loss")
+    axis.set_title(title)
+    if axis.has_data():
+        axis.legend()
+    else:
+        axis.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=axis.transAxes)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    storage.write_bytes(png_uri, buffer.getvalue())
+    return png_uri
