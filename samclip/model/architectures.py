@@ -61,7 +61,8 @@ def build_student(
 
     The CLIP head's blocks are copies of the backbone's last block and its MLP is random,
     drawn from the global torch RNG, so a fixed torch seed gives the same head. The teacher is
-    left untouched, so the student reproduces its masks exactly at initialisation.
+    left untouched, so the student reproduces its masks exactly at initialisation. The student
+    starts in the teacher's train or eval mode.
 
     Args:
         arch: key of STUDENT_ARCHS.

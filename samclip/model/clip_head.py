@@ -74,5 +74,8 @@ class ClipHead(nn.Module):
         return self.mlp(self.norm(pooled))
 
     def forward_patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Embed each token without pooling, for zero-shot segmentation: (B, h, w, C) to (B, h, w, D)."""
+        """Embed each token without pooling, for zero-shot segmentation.
+
+        (B, h, w, C) tokens become (B, h, w, D) embeddings.
+        """
         return self.mlp(self.norm(self._run_blocks(tokens)))

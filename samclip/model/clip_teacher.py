@@ -2,7 +2,7 @@
 
 Custom architectures are registered with `open_clip.add_model_config`, open_clip's own mechanism
 for model configs outside the package. It keys the config by the JSON file's stem, so the model
-name must equal that stem (for example samclip-tiny-clip.json holds model samclip-tiny-clip).
+name must equal that stem (for example samclip-tiny-clip.json contains model samclip-tiny-clip).
 The JSON is a plain open_clip model config, like the files in open_clip/model_configs. That format
 has no preprocessing fields, so such models use open_clip's PreprocessCfg defaults: OpenAI CLIP
 mean and std, bicubic interpolation, resize of the shortest side, and the model's image size.
@@ -32,7 +32,13 @@ logger = logging.getLogger(__name__)
 # A small ViT CLIP for CPU smoke runs and tests (patch 16 at 224 px: 14x14 tokens).
 TINY_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 256,
-    "vision_cfg": {"image_size": 224, "layers": 4, "width": 192, "patch_size": 16, "head_width": 64},
+    "vision_cfg": {
+        "image_size": 224,
+        "layers": 4,
+        "width": 192,
+        "patch_size": 16,
+        "head_width": 64,
+    },
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
 }
 
@@ -52,7 +58,7 @@ class _DropMessage(logging.Filter):
 @contextlib.contextmanager
 def _quiet_random_init_warning() -> Iterator[None]:
     # open_clip 3.3.0 warns on the root logger whenever create_model runs without pretrained
-    # weights; here the weights are always loaded right after, so the warning is false.
+    # weights. The callers here load the weights right after, so the warning is false.
     message_filter = _DropMessage("No pretrained weights loaded")
     root = logging.getLogger()
     root.addFilter(message_filter)
@@ -164,7 +170,9 @@ def _load_clip_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_clip_teacher(
-    model_name: str, weights_path: str | os.PathLike, model_config_path: str | os.PathLike | None = None
+    model_name: str,
+    weights_path: str | os.PathLike,
+    model_config_path: str | os.PathLike | None = None,
 ) -> ClipTeacher:
     """Build an open_clip model and load its weights strictly from a file; nothing is downloaded.
 

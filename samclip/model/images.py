@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
-# Transparent pixels are composited on white, the background most viewers show them on.
+# Transparent pixels are composited on this fixed background, so every step decodes them alike.
 TRANSPARENCY_BACKGROUND = (255, 255, 255)
 
 
@@ -48,6 +48,10 @@ def decode_image(
     The pixel count in the header is checked against `max_pixels` before any pixel is decoded.
     The whole file is decoded, so truncated files fail here and not later in training. EXIF
     orientation is applied once. Only the first frame of animated formats is used.
+    Transparent pixels are composited on white.
+
+    NOTE: PIL's Image.MAX_IMAGE_PIXELS (89,478,485 in Pillow 13) also applies, so a max_pixels
+    above it has no effect.
 
     Raises:
         ImageRejected: with reason "empty", "not_an_image", "too_many_pixels", "truncated",
@@ -56,9 +60,9 @@ def decode_image(
     if not data:
         raise ImageRejected("empty", "the file has 0 bytes")
 
-    # header: PIL reads only the size and mode here
-    # PIL's own limit (Image.MAX_IMAGE_PIXELS) still applies on top of max_pixels; it is never
-    # lifted, because that would lift it for every caller in the process.
+    # header: Image.open reads only the size and mode
+    # PIL's own limit (Image.MAX_IMAGE_PIXELS) applies too. It is not lifted, because that would
+    # lift it for every caller in the process.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -104,7 +108,8 @@ def decode_image(
     aspect = max(height, width) / min(height, width)
     if max_aspect is not None and aspect > max_aspect:
         raise ImageRejected(
-            "bad_aspect", f"{width}x{height} has aspect ratio {aspect:.1f} > max_aspect={max_aspect}"
+            "bad_aspect",
+            f"{width}x{height} has aspect ratio {aspect:.1f} > max_aspect={max_aspect}",
         )
     return array
 
@@ -113,7 +118,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     """Convert a decoded PIL image of any supported mode into (H, W, 3) uint8 RGB."""
     mode = image.mode
     if mode == "RGB":
-        return np.asarray(image, dtype=np.uint8).copy()
+        return np.array(image, dtype=np.uint8)
 
     if mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -121,17 +126,20 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, TRANSPARENCY_BACKGROUND + (255,))
-        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
+        return np.array(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8)
 
     if mode.startswith("I;16") or mode == "I" or mode == "F":
         grey = _high_depth_to_uint8(np.asarray(image))
         return np.repeat(grey[:, :, None], 3, axis=2)
 
     try:
-        # L, 1, P, CMYK (Adobe-inverted CMYK JPEGs are inverted back by PIL's decoder), YCbCr
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        # L, 1, P, YCbCr and CMYK. Pillow 13 reads every CMYK JPEG with Adobe's inverted
+        # convention, which its own JPEG encoder also writes.
+        return np.array(image.convert("RGB"), dtype=np.uint8)
     except ValueError as e:
-        raise ImageRejected("unsupported_mode", f"PIL cannot convert mode {mode} to RGB: {e}") from e
+        raise ImageRejected(
+            "unsupported_mode", f"PIL cannot convert mode {mode} to RGB: {e}"
+        ) from e
 
 
 def _high_depth_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -202,7 +210,7 @@ def student_clip_input(image: np.ndarray, size: int) -> torch.Tensor:
     """Build the student's CLIP-branch input (3, size, size) from an (H, W, 3) uint8 image.
 
     The crop is the centred square of side min(H, W), which is the region a CLIP
-    resize-shortest-then-centre-crop transform sees. It is resized with antialiased bicubic
+    resize-shortest-then-centre-crop transform keeps. It is resized with antialiased bicubic
     interpolation and normalised with SAM's statistics, because the student is a SAM backbone.
     """
     _check_rgb_array(image)

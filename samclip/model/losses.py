@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
+def _check_same_shape(student: torch.Tensor, teacher: torch.Tensor, function_name: str) -> None:
     if student.shape != teacher.shape:
         raise ValueError(
-            f"{what}: student shape {tuple(student.shape)} differs from teacher shape "
+            f"{function_name}: student shape {tuple(student.shape)} differs from teacher shape "
             f"{tuple(teacher.shape)}; both must come from the same images and prompts"
         )
 
@@ -50,7 +50,10 @@ def sigmoid_focal_loss(
 
 
 def dice_loss(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Dice loss per mask, 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), over the last two axes."""
+    """Compute the dice loss per mask over the last two axes.
+
+    loss = 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1)
+    """
     intersection = (probs * targets).sum(dim=(-2, -1))
     total = probs.sum(dim=(-2, -1)) + targets.sum(dim=(-2, -1))
     return 1.0 - (2.0 * intersection + 1.0) / (total + 1.0)

@@ -39,7 +39,7 @@ def sample_prompts(
     generator: torch.Generator,
     box_fraction: float = 0.5,
 ) -> Prompts:
-    """Sample K prompts per image inside each image's unpadded area, deterministic given `generator`.
+    """Sample K prompts per image inside its unpadded area, deterministically given `generator`.
 
     The first round(k * box_fraction) prompts of each image are boxes without points; the rest
     are single foreground points without boxes. Box sides are uniform between 10% and 100% of

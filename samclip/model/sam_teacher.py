@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 _PATCH_WEIGHT_KEY = "image_encoder.patch_embed.proj.weight"
 _BLOCK_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
+# how torch 2.x names the class that weights-only unpickling rejected
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,7 @@ class SamArch:
     encoder_embed_dim: int  # ViT token width
     encoder_depth: int  # number of ViT blocks
     encoder_num_heads: int
-    encoder_global_attn_indexes: tuple[int, ...]  # blocks with global attention; others are windowed
+    encoder_global_attn_indexes: tuple[int, ...]  # blocks with global attention, the rest windowed
     window_size: int  # tokens per side of an attention window
     prompt_embed_dim: int  # channels of the neck output, prompt tokens and mask decoder
     decoder_depth: int  # TwoWayTransformer layers
@@ -193,17 +195,24 @@ def load_weights_file(source: str | os.PathLike | BinaryIO) -> object:
         return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only load failed" in str(e).lower():
+            found = _UNSUPPORTED_GLOBAL.search(str(e))
+            needs = f" ({found.group(1)})" if found else ""
             raise ValueError(
-                f"{name} was rejected because loading it needs code execution (its pickle holds "
-                "objects other than tensors and plain containers); load it in a trusted session "
-                "and re-save its state dict with torch.save(model.state_dict(), path)"
+                f"{name} was rejected because loading it needs code execution: its pickle "
+                f"contains objects other than tensors and plain containers{needs}. Load it in a "
+                "trusted session and re-save its state dict with "
+                "torch.save(model.state_dict(), path)"
             ) from e
-        raise ValueError(f"{name} is not a valid torch checkpoint (corrupt or truncated): {e}") from e
+        raise ValueError(
+            f"{name} is not a valid torch checkpoint (corrupt or truncated): {e}"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{name} could not be read; the file is truncated or corrupt: {e}") from e
 
 
-def unwrap_state_dict(checkpoint: object, name: str, expected_prefix: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(
+    checkpoint: object, name: str, expected_prefix: str
+) -> dict[str, torch.Tensor]:
     """Return the state dict inside `{"model": ...}` / `{"state_dict": ...}`, without `module.`.
 
     `expected_prefix` is the start of one key the real state dict has (for example
@@ -294,7 +303,7 @@ def save_sam_checkpoint(sam: Sam, path: str | os.PathLike) -> None:
 
 
 def write_random_sam(path: str | os.PathLike, variant: str = "tiny", seed: int = 0) -> None:
-    """Write a SAM checkpoint with deterministic random weights; the same seed writes the same values.
+    """Write a SAM checkpoint with random weights; a given seed always writes the same values.
 
     SAM's builder initialises the absolute position embedding and the relative position tables
     to zero. They get small random values here, so that a random teacher also exercises the

@@ -1,4 +1,4 @@
-"""SamClip, the student: SAM's image encoder shared by a CLIP head and SAM's prompt and mask heads."""
+"""SamClip, the student: SAM's image encoder shared by a CLIP head and SAM's mask heads."""
 
 from __future__ import annotations
 
@@ -29,7 +29,11 @@ class MaskPrediction(NamedTuple):
 
 
 class SamClipOutput(NamedTuple):
-    """clip_embedding: (B, D) pooled CLIP-head output. image_embeddings: (B, C', h, w) for SAM's decoder."""
+    """Outputs of SamClip.forward.
+
+    clip_embedding: (B, D) pooled CLIP-head output, not normalised.
+    image_embeddings: (B, C', h, w) input of SAM's mask decoder.
+    """
 
     clip_embedding: torch.Tensor
     image_embeddings: torch.Tensor
@@ -113,7 +117,7 @@ def decode_masks(
 
 
 class SamClip(nn.Module):
-    """SAM-CLIP student: one SAM ViT backbone, a CLIP head and SAM's prompt encoder and mask decoder.
+    """SAM-CLIP student: a SAM ViT backbone, a CLIP head, SAM's prompt encoder and mask decoder.
 
     Build it with architectures.build_student. Images are (B, 3, H, W) normalised with SAM's
     pixel statistics, with H and W multiples of the patch size: the SAM branch runs at the native
@@ -153,8 +157,8 @@ class SamClip(nn.Module):
         patch = self.patch_size
         if images.shape[2] % patch or images.shape[3] % patch:
             raise ValueError(
-                f"image size {tuple(images.shape[2:])} is not a multiple of the patch size {patch}; "
-                "resize or pad the input"
+                f"image size {tuple(images.shape[2:])} is not a multiple of the patch size "
+                f"{patch}; resize or pad the input"
             )
 
         tokens = self.image_encoder.patch_embed(images)  # (B, h, w, C)
@@ -178,7 +182,10 @@ class SamClip(nn.Module):
         return self.image_encoder.neck(tokens.permute(0, 3, 1, 2))
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
-        """Compute SAM image embeddings (B, C', h, w); equal to ImageEncoderViT.forward at native size."""
+        """Compute SAM image embeddings (B, C', h, w).
+
+        At the native input size the result equals ImageEncoderViT.forward exactly.
+        """
         return self.image_embeddings_from_tokens(self.backbone_tokens(images))
 
     def clip_embedding(self, images: torch.Tensor) -> torch.Tensor:

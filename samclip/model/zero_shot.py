@@ -19,7 +19,7 @@ OPENAI_TEMPLATES: tuple[str, ...] = tuple(
 )
 SIMPLE_TEMPLATES: tuple[str, ...] = ("a photo of a {c}.",)
 
-# CLIP's logit scale at the end of training, exp(4.6052), used for readable logits.
+# Factor from cosine similarity to logits, the usual scale of CLIP zero-shot logits.
 LOGIT_SCALE = 100.0
 
 
@@ -72,7 +72,9 @@ def segment_logits(
     Per-patch logits (cosine x 100) are upscaled bilinearly to out_hw = (H, W).
     """
     if patch_embeddings.ndim != 4:
-        raise ValueError(f"expected patch embeddings (B, h, w, D), got {tuple(patch_embeddings.shape)}")
+        raise ValueError(
+            f"expected patch embeddings (B, h, w, D), got {tuple(patch_embeddings.shape)}"
+        )
     logits = classify(patch_embeddings, classifier)  # (B, h, w, C)
     logits = logits.permute(0, 3, 1, 2)  # (B, C, h, w)
     return F.interpolate(logits, size=tuple(out_hw), mode="bilinear", align_corners=False)

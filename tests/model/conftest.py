@@ -1,4 +1,4 @@
-"""Fixtures for the model tests: tiny random teachers written once per session through the real writers."""
+"""Model test fixtures: tiny random teachers, written once per session by the real writers."""
 
 from __future__ import annotations
 

@@ -77,7 +77,8 @@ def test_same_seed_same_weights(tmp_path: Path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     for folder in ("a", "b"):
-        write_random_clip(tmp_path / folder / "seeded-clip.json", tmp_path / folder / "w.bin", seed=5)
+        folder_path = tmp_path / folder
+        write_random_clip(folder_path / "seeded-clip.json", folder_path / "w.bin", seed=5)
     left = torch.load(tmp_path / "a" / "w.bin", weights_only=True)
     right = torch.load(tmp_path / "b" / "w.bin", weights_only=True)
     assert all(torch.equal(left[key], right[key]) for key in left)
@@ -124,7 +125,8 @@ def test_wrapped_state_dict_loads(tmp_path: Path, tiny_clip_files):
     wrapped = {"epoch": 3, "state_dict": {f"module.{key}": value for key, value in state.items()}}
     torch.save(wrapped, tmp_path / "epoch_3.pt")
     teacher = load_clip_teacher(model_name, tmp_path / "epoch_3.pt", config_path)
-    assert torch.equal(teacher.model.state_dict()["visual.conv1.weight"], state["visual.conv1.weight"])
+    loaded = teacher.model.state_dict()
+    assert torch.equal(loaded["visual.conv1.weight"], state["visual.conv1.weight"])
 
 
 def test_safetensors_weights(tmp_path: Path, tiny_clip_files):
@@ -134,7 +136,8 @@ def test_safetensors_weights(tmp_path: Path, tiny_clip_files):
     state = torch.load(weights_path, weights_only=True)
     save_file({key: value.contiguous() for key, value in state.items()}, tmp_path / "w.safetensors")
     teacher = load_clip_teacher(model_name, tmp_path / "w.safetensors", config_path)
-    assert torch.equal(teacher.model.state_dict()["visual.conv1.weight"], state["visual.conv1.weight"])
+    loaded = teacher.model.state_dict()
+    assert torch.equal(loaded["visual.conv1.weight"], state["visual.conv1.weight"])
 
 
 def test_config_stem_must_match_name(tiny_clip_files):

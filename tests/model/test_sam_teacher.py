@@ -90,7 +90,8 @@ def test_other_seed_other_values(tmp_path: Path):
     write_random_sam(tmp_path / "s0.pth", seed=0)
     write_random_sam(tmp_path / "s1.pth", seed=1)
     key = "image_encoder.patch_embed.proj.weight"
-    assert not torch.equal(plain_state(tmp_path / "s0.pth")[key], plain_state(tmp_path / "s1.pth")[key])
+    first = plain_state(tmp_path / "s0.pth")[key]
+    assert not torch.equal(first, plain_state(tmp_path / "s1.pth")[key])
 
 
 def test_random_sam_keeps_global_rng(tmp_path: Path):
@@ -144,7 +145,12 @@ def test_detect_variant(tiny_sam_path: Path):
 
 def test_missing_and_unexpected_keys(tmp_path: Path, tiny_sam_path: Path):
     state = plain_state(tiny_sam_path)
-    for key in ["mask_decoder.iou_token.weight", "mask_decoder.mask_tokens.weight", "prompt_encoder.not_a_point_embed.weight"]:
+    removed = [
+        "mask_decoder.iou_token.weight",
+        "mask_decoder.mask_tokens.weight",
+        "prompt_encoder.not_a_point_embed.weight",
+    ]
+    for key in removed:
         del state[key]
     state["mask_decoder.extra_a"] = torch.zeros(1)
     state["mask_decoder.extra_b"] = torch.zeros(1)

@@ -123,7 +123,9 @@ def test_box_with_points_prompt(student: SamClip, tiny_sam: Sam):
     )
     with torch.no_grad():
         embeddings = tiny_sam.image_encoder(torch.randn(1, 3, 256, 256))
-        predicted = decode_masks(tiny_sam.prompt_encoder, tiny_sam.mask_decoder, embeddings, prompts)
+        predicted = decode_masks(
+            tiny_sam.prompt_encoder, tiny_sam.mask_decoder, embeddings, prompts
+        )
         points = (prompts.points[0], prompts.point_labels[0])
         logits, _ = teacher_masks(tiny_sam, embeddings, points, prompts.boxes[0])
     assert torch.equal(predicted.logits[0], logits[:, 0])
@@ -156,12 +158,15 @@ def test_clip_head_blocks_equal_last_block(student: SamClip, tiny_sam: Sam):
 
 
 def test_clip_head_parameters(student: SamClip):
-    names = {name.split(".")[0] + "." + name.split(".")[1] for name, _ in student.clip_head.named_parameters()}
+    names = {
+        ".".join(name.split(".")[:2]) for name, _ in student.clip_head.named_parameters()
+    }
     assert names == {
         "blocks.0", "blocks.1", "blocks.2", "norm.weight", "norm.bias",
         "mlp.0", "mlp.2", "mlp.4",
     }  # fmt: skip
-    shapes = [tuple(layer.weight.shape) for layer in student.clip_head.mlp if hasattr(layer, "weight")]
+    linear_layers = [layer for layer in student.clip_head.mlp if hasattr(layer, "weight")]
+    shapes = [tuple(layer.weight.shape) for layer in linear_layers]
     assert shapes == [(192, 192), (192, 192), (EMBED_DIM, 192)]
 
 
@@ -183,7 +188,9 @@ def test_head_deterministic_given_seed(tiny_sam: Sam):
 
 
 def test_overrides(tiny_sam: Sam):
-    student = build_student("tiny", tiny_sam, 64, clip_head_depth=1, pooling="mean", mlp_hidden_layers=1)
+    student = build_student(
+        "tiny", tiny_sam, 64, clip_head_depth=1, pooling="mean", mlp_hidden_layers=1
+    )
     assert len(student.clip_head.blocks) == 1
     assert student.clip_head.pooling == "mean"
     assert len(student.clip_head.mlp) == 3
