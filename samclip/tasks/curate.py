@@ -72,7 +72,7 @@ REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("det
 
 @dataclass
 class CurateResult:
-    """Where curation wrote its tables, and its counts (also in the summary)."""
+    """Locations of the curation tables, and the counts that the summary also records."""
 
     manifest_uri: str
     rejects_uri: str
@@ -88,13 +88,18 @@ def curate(config: PipelineConfig) -> CurateResult:
 
     # list the source
     if data.source == BUILTIN_SOURCE:
-        photos = materialise_builtin_photos(config.uri("data", "photos"), data.augment_crops, config.seed)
-        uris = [uri for uri, _ in photos]
-        labels = {uri: label for uri, label in photos}
+        photos = materialise_builtin_photos(
+            config.uri("data", "photos"), data.augment_crops, config.seed
+        )
+        # Local paths become absolute, so the manifest does not depend on the working folder.
+        labels = {storage.local_path(uri) or uri: label for uri, label in photos}
+        uris = list(labels)
         label_base = config.uri("data", "photos")
     else:
         uris, skipped = list_images(data.source)
-        logger.info("listed %d images under %s (%d other files skipped)", len(uris), data.source, skipped)
+        logger.info(
+            "listed %d images under %s (%d other files skipped)", len(uris), data.source, skipped
+        )
         labels = {}
         label_base = data.source
     if not uris:
@@ -111,9 +116,9 @@ def curate(config: PipelineConfig) -> CurateResult:
 
     # decide on the driver, from hashes only
     accepted, rejects = _split_rejects(checked)
-    kept, duplicates = _deduplicate(accepted)
+    unique, duplicates = _deduplicate(accepted)
     rejects.extend(duplicates)
-    sampled = [row for row in kept if _fraction(row["hash"], 0, 8) < data.sample_fraction]
+    sampled = [row for row in unique if _fraction(row["hash"], 0, 8) < data.sample_fraction]
     sampled.sort(key=lambda row: row["hash"])
     limited = sampled[: data.limit] if data.limit is not None else sampled
 
@@ -133,7 +138,8 @@ def curate(config: PipelineConfig) -> CurateResult:
 
     # write the outputs
     seconds = time.perf_counter() - started
-    counts = _counts(len(uris), manifest_rows, rejects, len(kept) - len(sampled), len(sampled) - len(limited))
+    sampled_out = len(unique) - len(sampled)
+    counts = _counts(len(uris), manifest_rows, rejects, sampled_out, len(sampled) - len(limited))
     summary = _summary(config, counts, manifest_rows, limited, seconds)
     result = CurateResult(
         manifest_uri=config.uri("curate", "manifest.parquet"),
@@ -141,7 +147,8 @@ def curate(config: PipelineConfig) -> CurateResult:
         summary_uri=config.uri("curate", "summary.json"),
         counts=counts,
     )
-    storage.write_parquet(pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA), result.manifest_uri)
+    manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA)
+    storage.write_parquet(manifest, result.manifest_uri)
     storage.write_parquet(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), result.rejects_uri)
     storage.write_json(result.summary_uri, summary)
     logger.info(
@@ -162,7 +169,7 @@ def list_images(source: str) -> tuple[list[str], int]:
 def read_labels(uri: str) -> dict[str, str]:
     """Read a labels table (CSV or Parquet) with a ``label`` column and a key column.
 
-    The key column is the first of ``uri``, ``file``, ``path`` or ``name``; a key is matched
+    The key column is the first of ``uri``, ``file``, ``path`` or ``name``. A key is matched
     against a full URI, then a path relative to the source, then a file name.
     """
     if uri.endswith(".parquet"):
@@ -212,7 +219,9 @@ def check_batch(
         else:
             digest, size = hashlib.sha256(data).hexdigest(), len(data)
             try:
-                image = decode_image(data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect)
+                image = decode_image(
+                    data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect
+                )
             except ImageRejected as rejected:
                 reason, detail = rejected.reason, rejected.detail
             else:
@@ -224,7 +233,9 @@ def check_batch(
     return pa.table(rows, schema=CHECK_SCHEMA)
 
 
-def _check_images(uris: list[str], data: DataConfig, endpoint_url: str | None) -> list[dict[str, Any]]:
+def _check_images(
+    uris: list[str], data: DataConfig, endpoint_url: str | None
+) -> list[dict[str, Any]]:
     import ray
 
     blocks = max(1, min(MAX_BLOCKS, math.ceil(len(uris) / CHECK_BATCH_SIZE)))
@@ -249,10 +260,14 @@ def _check_images(uris: list[str], data: DataConfig, endpoint_url: str | None) -
         if now - last_log >= PROGRESS_EVERY_S:
             last_log = now
             logger.info(
-                "checked %d/%d images (%.1f images/s)", len(rows), len(uris), len(rows) / (now - started)
+                "checked %d/%d images (%.1f images/s)",
+                len(rows), len(uris), len(rows) / (now - started),
             )
     elapsed = time.perf_counter() - started
-    logger.info("checked %d images in %.1f s (%.1f images/s)", len(rows), elapsed, len(rows) / max(elapsed, 1e-9))
+    logger.info(
+        "checked %d images in %.1f s (%.1f images/s)",
+        len(rows), elapsed, len(rows) / max(elapsed, 1e-9),
+    )
     if len(rows) != len(uris):
         raise RuntimeError(f"decode check returned {len(rows)} rows for {len(uris)} files")
     return rows
@@ -264,7 +279,8 @@ def _split_rejects(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
         if row["reason"] is None:
             accepted.append(row)
         else:
-            rejects.append({"uri": row["uri"], "reason": row["reason"], "detail": row["detail"] or ""})
+            detail = row["detail"] or ""
+            rejects.append({"uri": row["uri"], "reason": row["reason"], "detail": detail})
     return accepted, rejects
 
 
@@ -317,21 +333,26 @@ def _summary(
     config: PipelineConfig,
     counts: dict[str, int],
     manifest: list[dict[str, Any]],
-    checked: list[dict[str, Any]],
+    manifest_checks: list[dict[str, Any]],
     seconds: float,
 ) -> dict[str, Any]:
     def describe(values: list[int]) -> dict[str, float] | None:
         if not values:
             return None
-        return {"min": int(np.min(values)), "median": float(np.median(values)), "max": int(np.max(values))}
+        return {
+            "min": int(np.min(values)),
+            "median": float(np.median(values)),
+            "max": int(np.max(values)),
+        }
 
+    by_reason = {
+        key.split("/", 1)[1]: value for key, value in counts.items() if key.startswith("rejected/")
+    }
     return {
         "source": config.data.source,
         "counts": counts,
-        "rejected_by_reason": {
-            key.split("/", 1)[1]: value for key, value in counts.items() if key.startswith("rejected/")
-        },
-        "bytes": int(sum(row["bytes"] for row in checked)),
+        "rejected_by_reason": by_reason,
+        "manifest_bytes": int(sum(row["bytes"] for row in manifest_checks)),
         "width": describe([row["width"] for row in manifest]),
         "height": describe([row["height"] for row in manifest]),
         "seconds": round(seconds, 3),

@@ -1,6 +1,6 @@
 """Feature shards: teacher embeddings stored as Parquet, keyed by image hash.
 
-A feature folder ``{features_root}/{kind}-{fingerprint}/`` holds shards named
+A feature folder ``{features_root}/{kind}-{fingerprint}/`` contains shards named
 ``part-{digest}.parquet``, where the digest is the sha256 of the sorted image hashes inside the
 shard, so two runs never write the same name with different rows. Each shard has two columns:
 
@@ -60,9 +60,10 @@ def write_feature_shard(
 ) -> str:
     """Write one shard of embeddings atomically and return its URI.
 
-    ``arrays`` is (N, *shape) with ``arrays[i]`` the embedding of ``hashes[i]``; its dtype must
-    already be ``dtype`` (no silent casts), and when ``shape`` is given each row must have it.
-    A shard with the same name already holds exactly these hashes, so it is left as it is.
+    ``arrays`` is (N, *shape) with ``arrays[i]`` the embedding of ``hashes[i]``. Its dtype must
+    already be ``dtype`` because nothing is cast silently, and when ``shape`` is given each row
+    must have it. A shard with the same name already contains exactly these hashes, so it is
+    left as it is.
     """
     layout = _validate_rows(hashes, arrays, dtype, shape)
     uri = storage.join(uri_dir, shard_name(hashes))
@@ -107,7 +108,8 @@ def decode_embeddings(
         return np.empty((0, *layout.shape), dtype=layout.dtype)
     if values.null_count:
         raise ValueError(f"{source} has {values.null_count} null embeddings")
-    offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset : values.offset + count + 1]
+    all_offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)
+    offsets = all_offsets[values.offset : values.offset + count + 1]
     lengths = np.diff(offsets)
     if not np.all(lengths == layout.row_bytes):
         bad = int(np.flatnonzero(lengths != layout.row_bytes)[0])
@@ -164,27 +166,27 @@ def read_features(
     KeyError when a requested hash is in no shard, and ValueError when shards disagree on
     dtype or shape.
     """
-    wanted = None if hashes is None else set(hashes)
+    requested = None if hashes is None else set(hashes)
     found: dict[str, np.ndarray] = {}
     layout = expected
     for uri in list_shards(uri_dir):
-        if wanted is not None:
+        if requested is not None:
             shard_hashes = storage.read_parquet(uri, columns=["hash"])
             layout = _check_layout(uri, shard_hashes.schema, layout)
-            if wanted.isdisjoint(shard_hashes.column("hash").to_pylist()):
+            if requested.isdisjoint(shard_hashes.column("hash").to_pylist()):
                 continue
         table = storage.read_parquet(uri)
         layout = _check_layout(uri, table.schema, layout)
         assert layout is not None
         arrays = decode_embeddings(table.column("embedding"), layout, f"feature shard {uri}")
         for index, key in enumerate(table.column("hash").to_pylist()):
-            if wanted is None or key in wanted:
+            if requested is None or key in requested:
                 found[key] = arrays[index]
 
-    if wanted is not None and len(found) < len(wanted):
-        missing = sorted(wanted - found.keys())
+    if requested is not None and len(found) < len(requested):
+        missing = sorted(requested - found.keys())
         raise KeyError(
-            f"{len(missing)} of {len(wanted)} requested hashes are not in {uri_dir} "
+            f"{len(missing)} of {len(requested)} requested hashes are not in {uri_dir} "
             f"(first: {missing[0]}); run precompute on the manifest that lists them"
         )
     return found
@@ -199,10 +201,13 @@ def _validate_rows(
         raise ValueError(f"arrays must be a numpy array, got {type(arrays).__name__}")
     if arrays.dtype != np.dtype(dtype):
         raise ValueError(
-            f"arrays have dtype {arrays.dtype}, expected {dtype}: cast with arrays.astype({dtype!r})"
+            f"arrays have dtype {arrays.dtype}, expected {dtype}: "
+            f"cast with arrays.astype({dtype!r})"
         )
     if arrays.ndim < 2:
-        raise ValueError(f"arrays must be (N, *shape) with at least 2 dims, got shape {arrays.shape}")
+        raise ValueError(
+            f"arrays must be (N, *shape) with at least 2 dims, got shape {arrays.shape}"
+        )
     if len(hashes) == 0:
         raise ValueError("a feature shard needs at least one row")
     if arrays.shape[0] != len(hashes):
@@ -229,8 +234,8 @@ def _check_layout(uri: str, schema: pa.Schema, expected: FeatureLayout | None) -
         ) from error
     if expected is not None and layout != expected:
         raise ValueError(
-            f"feature shard {uri} holds {layout.dtype} rows of shape {layout.shape}, but "
-            f"{expected.dtype} rows of shape {expected.shape} were expected: features of another "
+            f"feature shard {uri} contains {layout.dtype} rows of shape {layout.shape}, expected "
+            f"{expected.dtype} rows of shape {expected.shape}: features of another "
             "teacher or dtype are in this folder; remove that shard or use another folder"
         )
     return layout

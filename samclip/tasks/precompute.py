@@ -8,9 +8,9 @@ teachers reuses every feature already there.
 Per teacher, one Ray Data pipeline streams three stages:
 
 1. the manifest rows still missing, in blocks of ``batch_size`` rows;
-2. an actor pool of ``actors`` encoders, each loading the teacher once in ``__init__``; a batch
-   is read, checked against its manifest hash, decoded with ``decode_image`` and embedded
-   under ``torch.inference_mode``;
+2. an actor pool of ``actors`` encoders, each loading the teacher once in ``__init__``. Each
+   batch is read, checked against its manifest hash, decoded with ``decode_image`` and
+   embedded under ``torch.inference_mode``;
 3. a shard writer: each batch of up to ``rows_per_shard`` rows becomes one shard, committed
    atomically, so an interrupted run keeps every shard it finished.
 
@@ -88,10 +88,13 @@ def precompute(
     result = PrecomputeResult(features={}, computed={}, reused={}, seconds=0.0)
     for kind in KINDS:
         fingerprint = teachers.clip_fingerprint if kind == "clip" else teachers.sam_fingerprint
-        folder = storage.join(config.resolve_uri(config.precompute.features_root), f"{kind}-{fingerprint}")
+        features_root = config.resolve_uri(config.precompute.features_root)
+        folder = storage.join(features_root, f"{kind}-{fingerprint}")
         layout = feature_layout(kind, teachers, config.precompute.dtype)
         present = read_feature_hashes(folder, expected=layout)
-        missing = [{"hash": key, "uri": uri} for key, uri in sorted(unique.items()) if key not in present]
+        missing = [
+            {"hash": key, "uri": uri} for key, uri in sorted(unique.items()) if key not in present
+        ]
         _write_lineage(folder, kind, teachers, layout)
 
         kind_started = time.perf_counter()
@@ -104,7 +107,7 @@ def precompute(
         result.reused[kind] = len(unique) - len(missing)
         result.images_per_second[kind] = round(computed / elapsed, 2) if computed else 0.0
         logger.info(
-            "%s features: %d computed (%.1f images/s), %d reused, in %s",
+            "%s features: %d computed (%.1f images/s, actor start-up included), %d reused, in %s",
             kind, computed, result.images_per_second[kind], result.reused[kind], folder,
         )
 
@@ -153,9 +156,8 @@ class TeacherEncoder:
         import torch
 
         hashes = batch.column("hash").to_pylist()
-        images = [
-            self._read_image(key, uri) for key, uri in zip(hashes, batch.column("uri").to_pylist(), strict=True)
-        ]
+        uris = batch.column("uri").to_pylist()
+        images = [self._read_image(key, uri) for key, uri in zip(hashes, uris, strict=True)]
         with torch.inference_mode():
             embeddings = self._encode(images).float().numpy()  # (B, *shape)
         if embeddings.shape[1:] != self.layout.shape:
@@ -164,7 +166,12 @@ class TeacherEncoder:
                 f"expected {self.layout.shape}"
             )
         arrays = embeddings.astype(self.layout.dtype)
-        return pa.table({"hash": pa.array(hashes, pa.string()), "embedding": encode_embeddings(arrays, self.layout)})
+        return pa.table(
+            {
+                "hash": pa.array(hashes, pa.string()),
+                "embedding": encode_embeddings(arrays, self.layout),
+            }
+        )
 
     def _encode(self, images: list[np.ndarray]):
         import torch
@@ -172,7 +179,8 @@ class TeacherEncoder:
         if self.kind == "clip":
             from samclip.model.clip_teacher import clip_input
 
-            inputs = torch.stack([clip_input(image, self.teacher) for image in images])  # (B, 3, S, S)
+            inputs = torch.stack([clip_input(image, self.teacher) for image in images])
+            # inputs: (B, 3, S, S)
             return self.teacher.encode_image(inputs)  # (B, D)
         from samclip.model.images import batch_sam_inputs
 
@@ -193,8 +201,13 @@ class TeacherEncoder:
         return decode_image(data, **self.decode_limits)
 
 
-def write_shard(batch: pa.Table, folder: str, layout: FeatureLayout, endpoint_url: str | None) -> pa.Table:
-    """Ray Data task: commit one batch of embeddings as one feature shard; returns its URI and size."""
+def write_shard(
+    batch: pa.Table, folder: str, layout: FeatureLayout, endpoint_url: str | None
+) -> pa.Table:
+    """Commit one batch of embeddings as one feature shard (a Ray Data task).
+
+    Returns a one-row table of the shard's URI and row count.
+    """
     storage.configure_endpoint(endpoint_url)
     hashes = batch.column("hash").to_pylist()
     arrays = decode_embeddings(batch.column("embedding"), layout, "encoder output")
@@ -284,11 +297,12 @@ def _write_lineage(folder: str, kind: str, teachers: TeacherFiles, layout: Featu
     if storage.exists(uri):
         return
     inputs = teachers.clip_fingerprint_inputs if kind == "clip" else teachers.sam_fingerprint_inputs
+    fingerprint = teachers.clip_fingerprint if kind == "clip" else teachers.sam_fingerprint
     storage.write_json(
         uri,
         {
             "kind": kind,
-            "fingerprint": teachers.clip_fingerprint if kind == "clip" else teachers.sam_fingerprint,
+            "fingerprint": fingerprint,
             "fingerprint_inputs": inputs,
             "dtype": layout.dtype,
             "shape": list(layout.shape),

@@ -4,7 +4,7 @@ The smoke profile curates these instead of downloading a dataset. Each entry rec
 the package that ships it, a class label for zero-shot evaluation, and the licence as the
 package states it (scikit-image's ``skimage/data/_fetchers.py`` docstrings, scikit-learn's
 ``sklearn/datasets/images/README.txt``). matplotlib's ``sample_data/README.txt`` states no
-licence for its photograph, and the entry says so.
+licence for its photograph, and the entry records that.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def materialise_builtin_photos(
     """Copy the built-in photos under ``target_uri`` and add deterministic crops of each.
 
     Originals are copied byte for byte to ``originals/``. Each original also gets
-    ``augment_crops`` crops (re-encoded as PNG, labelled as the original) in ``crops/``; a crop
+    ``augment_crops`` crops in ``crops/``, re-encoded as PNG and labelled as the original. A crop
     depends only on the seed, the file name and its index, so reruns write identical files.
     Files that already exist are kept. ``labels.csv`` (columns ``file``, ``label``, ``package``,
     ``licence``; ``file`` relative to ``target_uri``) is written beside them.

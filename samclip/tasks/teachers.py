@@ -37,7 +37,7 @@ CACHE_ENV = "SAMCLIP_CACHE_DIR"
 class TeacherFiles:
     """Local copies of the teacher files, where they came from, and their fingerprints.
 
-    The local paths are valid on the machine that called ``ensure_teachers``; a Ray worker on
+    The local paths are valid on the machine that called ``ensure_teachers``. A Ray worker on
     another node calls ``localised()`` to fetch its own copies from the URIs.
     """
 
@@ -66,7 +66,7 @@ class TeacherFiles:
         return (arch.prompt_embed_dim, arch.embedding_size, arch.embedding_size)
 
     def localised(self) -> "TeacherFiles":
-        """Return these files with local paths that exist on this machine (downloading if needed)."""
+        """Return these files with local paths that exist on this machine, downloading if needed."""
         if all(
             path is None or os.path.isfile(path)
             for path in (self.sam_checkpoint, self.clip_weights, self.clip_model_config)
@@ -101,9 +101,12 @@ def ensure_teachers(config: PipelineConfig) -> TeacherFiles:
     # SAM checkpoint
     sam_uri = config.resolve_uri(teachers.sam.checkpoint)
     if not storage.exists(sam_uri):
-        _require_random(sam_uri, "teachers.sam.checkpoint", teachers.sam.create_random, "teachers.sam")
+        _require_random(
+            sam_uri, "teachers.sam.checkpoint", teachers.sam.create_random, "teachers.sam"
+        )
         logger.info(
-            "writing a random SAM %s teacher (seed %d) to %s", teachers.sam.variant, teachers.seed, sam_uri
+            "writing a random SAM %s teacher (seed %d) to %s",
+            teachers.sam.variant, teachers.seed, sam_uri,
         )
         _write_through_temp(
             {sam_uri: "sam.pth"},
@@ -123,10 +126,12 @@ def ensure_teachers(config: PipelineConfig) -> TeacherFiles:
             raise ValueError(
                 f"CLIP teacher weights not found at {weights_uri}, and a random teacher needs an "
                 "OpenCLIP JSON config to describe its architecture: set "
-                "teachers.clip.model_config_path, or point teachers.clip.weights at an existing file"
+                "teachers.clip.model_config_path, or point teachers.clip.weights at an "
+                "existing file"
             )
         logger.info("writing a random CLIP teacher (seed %d) to %s", teachers.seed, weights_uri)
-        # open_clip registers a JSON config under its file stem, so the temporary file keeps the name.
+        # open_clip registers a JSON config under its file stem, so the temporary file keeps
+        # the configured name.
         config_name = os.path.basename(config_uri)
         weights_name = "weights-" + os.path.basename(weights_uri)
 
@@ -230,7 +235,8 @@ def local_copy(uri: str, cache_dir: str) -> str:
 
     info = storage.file_info(uri)
     version = info.get("ETag") or info.get("LastModified") or info.get("mtime") or ""
-    key = hashlib.sha256(f"{uri}|{info.get('size')}|{version}".encode()).hexdigest()[:FINGERPRINT_CHARS]
+    identity = f"{uri}|{info.get('size')}|{version}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:FINGERPRINT_CHARS]
     path = os.path.join(cache_dir, key, uri.rstrip("/").rsplit("/", 1)[-1])
     if not os.path.isfile(path):
         logger.info("downloading %s to %s", uri, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 
 import numpy as np
@@ -74,7 +75,8 @@ def test_curate_folder_rejects_and_duplicates(ray_cluster, image_folder, tmp_pat
         assert row["source"] == str(image_folder)
         assert row["label"] is None
 
-    rejects = {row["uri"].rsplit("images/", 1)[1]: row for row in pq.read_table(result.rejects_uri).to_pylist()}
+    reject_rows = pq.read_table(result.rejects_uri).to_pylist()
+    rejects = {row["uri"].rsplit("images/", 1)[1]: row for row in reject_rows}
     assert rejects["corrupt.jpg"]["reason"] == "not_an_image"
     assert rejects["empty.png"]["reason"] == "empty"
     assert rejects["tiny.png"]["reason"] == "too_small"
@@ -110,14 +112,20 @@ def test_curate_sample_and_labels(ray_cluster, image_folder, tmp_path):
     for row in manifest:
         assert int(row["hash"][:8], 16) / 2**32 < 0.5
     assert result.counts["accepted"] + result.counts["sampled_out"] == 4
-    expected = {"cat.png": "cat", "coffee.png": "coffee cup", "rocket.JPG": "rocket", "noise.png": None}
+    expected = {
+        "cat.png": "cat",
+        "coffee.png": "coffee cup",
+        "rocket.JPG": "rocket",
+        "noise.png": None,
+    }
     for row in manifest:
         assert row["label"] == expected[row["uri"].rsplit("/", 1)[1]]
 
 
-def test_curate_builtin_photos_with_limit(ray_cluster, tmp_path):
+def test_curate_builtin_photos_with_limit(ray_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     config = PipelineConfig.model_validate(
-        {"storage": {"root": str(tmp_path)}, "data": {"augment_crops": 1, "limit": 5}}
+        {"storage": {"root": "run"}, "data": {"augment_crops": 1, "limit": 5}}
     )
     result = curate(config)
 
@@ -125,11 +133,12 @@ def test_curate_builtin_photos_with_limit(ray_cluster, tmp_path):
     assert len(manifest) == 5
     assert all(row["label"] for row in manifest)
     assert all(row["source"] == "builtin:photos" for row in manifest)
+    assert all(os.path.isabs(row["uri"]) for row in manifest)
     assert [row["hash"] for row in manifest] == sorted(row["hash"] for row in manifest)
     total = 2 * len(sources.BUILTIN_PHOTOS)
     assert result.counts["listed"] == total
     assert result.counts["over_limit"] == total - 5 - result.counts["rejected"]
-    assert (tmp_path / "data" / "photos" / "labels.csv").is_file()
+    assert (tmp_path / "run" / "data" / "photos" / "labels.csv").is_file()
 
 
 def test_curate_empty_source_raises(ray_cluster, tmp_path):

@@ -16,6 +16,11 @@ def _hashes(count: int, offset: int = 0) -> list[str]:
     return [hashlib.sha256(str(offset + i).encode()).hexdigest() for i in range(count)]
 
 
+def _write_zeros(folder, hashes: list[str], shape: tuple[int, ...], dtype: str) -> str:
+    arrays = np.zeros((len(hashes), *shape), dtype=dtype)
+    return features.write_feature_shard(str(folder), hashes, arrays, dtype)
+
+
 def test_fp16_round_trip_bit_exact(tmp_path):
     rng = np.random.default_rng(0)
     arrays = (rng.standard_normal((5, 8, 4, 4)) * 100).astype(np.float16)
@@ -66,8 +71,8 @@ def test_shard_name_is_digest_of_sorted_hashes(tmp_path):
 
 
 def test_read_hashes_skips_temporary_files(tmp_path):
-    features.write_feature_shard(str(tmp_path), _hashes(2), np.zeros((2, 2), np.float16), "float16")
-    features.write_feature_shard(str(tmp_path), _hashes(3, 10), np.zeros((3, 2), np.float16), "float16")
+    _write_zeros(tmp_path, _hashes(2), (2,), "float16")
+    _write_zeros(tmp_path, _hashes(3, 10), (2,), "float16")
     (tmp_path / ".tmp-123-part-0.parquet").write_bytes(b"partial")
     (tmp_path / "teacher.json").write_text("{}")
 
@@ -76,8 +81,8 @@ def test_read_hashes_skips_temporary_files(tmp_path):
 
 
 def test_shape_mismatch_names_shard(tmp_path):
-    features.write_feature_shard(str(tmp_path), _hashes(2), np.zeros((2, 4), np.float16), "float16")
-    odd = features.write_feature_shard(str(tmp_path), _hashes(1, 5), np.zeros((1, 8), np.float16), "float16")
+    _write_zeros(tmp_path, _hashes(2), (4,), "float16")
+    odd = _write_zeros(tmp_path, _hashes(1, 5), (8,), "float16")
     odd_name = odd.rsplit("/", 1)[-1]
 
     with pytest.raises(ValueError, match=odd_name):
@@ -87,14 +92,14 @@ def test_shape_mismatch_names_shard(tmp_path):
 
 
 def test_dtype_mismatch_with_expected_names_shard(tmp_path):
-    uri = features.write_feature_shard(str(tmp_path), _hashes(2), np.zeros((2, 4), np.float32), "float32")
+    uri = _write_zeros(tmp_path, _hashes(2), (4,), "float32")
     with pytest.raises(ValueError, match=uri.rsplit("/", 1)[-1]):
         features.read_layout(str(tmp_path), expected=FeatureLayout("float16", (4,)))
 
 
 def test_shards_disagreeing_without_expected(tmp_path):
-    first = features.write_feature_shard(str(tmp_path), _hashes(1), np.zeros((1, 4), np.float16), "float16")
-    second = features.write_feature_shard(str(tmp_path), _hashes(1, 9), np.zeros((1, 4), np.float32), "float32")
+    first = _write_zeros(tmp_path, _hashes(1), (4,), "float16")
+    second = _write_zeros(tmp_path, _hashes(1, 9), (4,), "float32")
     # shards are listed in name order; the later one is reported against the first
     later = max(first, second).rsplit("/", 1)[-1]
     with pytest.raises(ValueError, match=later):

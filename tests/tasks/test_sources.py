@@ -36,7 +36,8 @@ def test_materialise_copies_and_crops(tmp_path):
     assert crop_uri.endswith("crops/astronaut-crop0.png")
     assert crop_label == "astronaut"
     crop = decode_image((tmp_path / "photos" / "crops" / "astronaut-crop0.png").read_bytes())
-    assert crop.shape[0] < 512 and crop.shape[1] < 512
+    assert crop.shape[0] < 512
+    assert crop.shape[1] < 512
 
 
 def test_labels_csv_lists_every_file(tmp_path):

@@ -48,7 +48,9 @@ def test_random_teachers_deterministic(written, tmp_path):
 
 def test_seed_changes_fingerprints(written, tmp_path):
     _, files = written
-    config = PipelineConfig.model_validate({"storage": {"root": str(tmp_path)}, "teachers": {"seed": 1}})
+    config = PipelineConfig.model_validate(
+        {"storage": {"root": str(tmp_path)}, "teachers": {"seed": 1}}
+    )
     other = teacher_files.ensure_teachers(config)
     assert other.sam_fingerprint != files.sam_fingerprint
     assert other.clip_fingerprint != files.clip_fingerprint
