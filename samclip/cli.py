@@ -1,4 +1,4 @@
-"""Command line: ``samclip run | precompute | sweep | verify-registered | profiles``."""
+"""Command line: ``samclip run | precompute | sweep | verify-registered | segment | profiles``."""
 
 from __future__ import annotations
 
@@ -47,6 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("model", help="NAME@ALIAS, e.g. samclip-smoke@candidate")
     verify.add_argument("--tracking-uri", required=True, help="MLflow tracking URI of the registry")
     verify.add_argument("--tolerance", type=float, default=1e-5, help="max absolute difference per metric")
+    segment = commands.add_parser(
+        "segment",
+        help="segment an image into text-prompted classes with both heads of a student; writes an overlay PNG and the masks",
+    )
+    segment.add_argument("image", help="image path or URI")
+    segment.add_argument("--prompt", dest="prompts", action="append", required=True, metavar="TEXT", help="class name (repeatable)")
+    segment.add_argument("--model", required=True, help="student checkpoint folder or URI, or NAME@ALIAS with --tracking-uri")
+    segment.add_argument("--tracking-uri", default=None, help="MLflow tracking URI of the registry, for NAME@ALIAS")
+    segment.add_argument("--output", required=True, help="output folder or URI")
+    segment.add_argument("--clip-model", default=None, help="OpenCLIP model name of the text encoder (default: from the checkpoint's config.yaml)")
+    segment.add_argument("--clip-weights", default=None, help="path or URI of the OpenCLIP weights file")
+    segment.add_argument("--clip-config", default=None, help="path or URI of an OpenCLIP JSON config, for a custom model")
+    segment.add_argument("--points", type=int, default=3, help="point prompts sampled per class (default: 3)")
+    segment.add_argument(
+        "--background-threshold", type=float, default=None,
+        help="mask probability in [0, 1] below which a pixel is background (default: none, every pixel gets a class)",
+    )
+    segment.add_argument("--templates", choices=("simple", "openai"), default="simple", help="prompt templates (default: simple)")
+    segment.add_argument("--seed", type=int, default=0, help="seed of the point sampling (default: 0)")
     commands.add_parser("profiles", help="list the shipped profiles")
     return parser
 
@@ -161,6 +180,32 @@ def _verify_registered(args: argparse.Namespace) -> int:
     return 0 if worst <= args.tolerance else 1
 
 
+def _segment(args: argparse.Namespace) -> int:
+    from samclip.tasks.segment import ClipTextEncoder, segment
+
+    if (args.clip_model is None) != (args.clip_weights is None):
+        print("invalid arguments: --clip-model and --clip-weights go together", file=sys.stderr)
+        return 2
+    encoder = None
+    if args.clip_model is not None:
+        encoder = ClipTextEncoder(args.clip_model, args.clip_weights, args.clip_config)
+    outputs = segment(
+        args.image,
+        args.prompts,
+        args.model,
+        args.output,
+        tracking_uri=args.tracking_uri,
+        text_encoder=encoder,
+        num_points=args.points,
+        background_threshold=args.background_threshold,
+        templates=args.templates,
+        seed=args.seed,
+    )
+    print(f"overlay  {outputs.overlay_uri}\nlabels   {outputs.labels_uri}\nmasks    {outputs.masks_uri}")
+    print("pixel share per class:", json.dumps({k: round(v, 4) for k, v in outputs.class_shares.items()}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in _ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -179,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "precompute": _precompute,
         "sweep": _sweep,
         "verify-registered": _verify_registered,
+        "segment": _segment,
     }
     return handlers[args.command](args)
 

@@ -48,6 +48,10 @@ class RayConfig(Section):
 
 class DataConfig(Section):
     source: str = "builtin:photos"  # "builtin:photos" or a URI of a folder or prefix of images
+    # how the source is laid out: image files, WebDataset tar shards (img2dataset), or SA-1B
+    # (JPEG + JSON masks); "auto" picks webdataset when .tar files exist, sa1b when every JPEG
+    # has a JSON of the same name, and images otherwise
+    layout: Literal["auto", "images", "webdataset", "sa1b"] = "auto"
     labels: str | None = None  # optional CSV/Parquet of (uri or file name, label) for evaluation
     augment_crops: int = 0  # extra deterministic crops per image (the originals always stay)
     sample_fraction: float = Field(1.0, gt=0, le=1)  # deterministic by content hash

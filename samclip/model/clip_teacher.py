@@ -169,10 +169,45 @@ def _load_clip_state_dict(weights_path: Path) -> dict[str, torch.Tensor]:
     return state_dict
 
 
+def pretrained_preprocess_cfg(model_name: str, pretrained: str | None) -> dict[str, Any] | None:
+    """Return the image preprocessing of an open_clip pretrained tag: mean, std and resizing.
+
+    With `pretrained` None, the preprocessing that every pretrained tag of the model shares is
+    returned, and None when the model has no tags or its tags disagree (a warning names them).
+    open_clip.create_model with pretrained=None would otherwise use OpenAI CLIP's mean and std,
+    which is wrong for models such as ViT-B-16-SigLIP (mean and std 0.5).
+
+    Raises:
+        ValueError: `pretrained` is not a tag of the model.
+    """
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained is not None and pretrained not in tags:
+        raise ValueError(
+            f"{pretrained!r} is not an open_clip pretrained tag of {model_name}; expected one of "
+            f"{tags} (open_clip.list_pretrained_tags_by_model), or no tag for a custom model"
+        )
+    keys = ("mean", "std", "interpolation", "resize_mode")
+    configs = {}
+    for tag in [pretrained] if pretrained is not None else tags:
+        config = open_clip.get_pretrained_cfg(model_name, tag)
+        configs[tag] = {key: config[key] for key in keys if config.get(key) is not None}
+    distinct = {json.dumps(config, sort_keys=True) for config in configs.values()}
+    if len(distinct) == 1:
+        return next(iter(configs.values())) or None
+    if len(distinct) > 1:
+        logger.warning(
+            "the pretrained tags of %s use different image preprocessing (%s); open_clip's "
+            "defaults are used. Pass the tag of the weights (pretrained=...) to use theirs",
+            model_name, ", ".join(sorted(configs)),
+        )  # fmt: skip
+    return None
+
+
 def load_clip_teacher(
     model_name: str,
     weights_path: str | os.PathLike,
     model_config_path: str | os.PathLike | None = None,
+    pretrained: str | None = None,
 ) -> ClipTeacher:
     """Build an open_clip model and load its weights strictly from a file; nothing is downloaded.
 
@@ -182,11 +217,14 @@ def load_clip_teacher(
             wrapped as {"state_dict": sd} or with a DDP "module." prefix.
         model_config_path: an open_clip model config JSON for architectures that open_clip
             does not ship; it is registered with open_clip.add_model_config.
+        pretrained: the open_clip pretrained tag the weights come from (for example
+            "datacomp_xl_s13b_b90k"). It selects the image mean, std and resizing, which are
+            part of the teacher fingerprint. See pretrained_preprocess_cfg for the default.
 
     Raises:
         FileNotFoundError: a file does not exist.
         ValueError: a folder, a file of another format, a pickle that needs code execution,
-            an unknown model name, or weights that do not fit the architecture.
+            an unknown model name or pretrained tag, or weights that do not fit the architecture.
     """
     if model_config_path is not None:
         _register_model_config(model_name, Path(model_config_path))
@@ -200,7 +238,12 @@ def load_clip_teacher(
     weights = Path(weights_path)
     state_dict = _load_clip_state_dict(weights)
     with _quiet_random_init_warning():
-        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        model = open_clip.create_model(
+            model_name,
+            pretrained=None,
+            device="cpu",
+            force_preprocess_cfg=pretrained_preprocess_cfg(model_name, pretrained),
+        )
     try:
         result = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:

@@ -30,6 +30,9 @@ from samclip.model.images import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 logger = logging.getLogger(__name__)
 
 _PATCH_WEIGHT_KEY = "image_encoder.patch_embed.proj.weight"
+_SNIFF_BYTES = 16  # bytes read from a file's start to recognise its format
+# Key prefix of a Hugging Face transformers SamModel state dict (pytorch_model.bin).
+_HF_SAM_PREFIX = "vision_encoder."
 _BLOCK_KEY = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
 # how torch 2.x names the class that weights-only unpickling rejected
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
@@ -169,6 +172,18 @@ def detect_sam_variant(state_dict: dict[str, torch.Tensor]) -> str | None:
     return f"unknown (embed dim {embed_dim}, depth {depth})"
 
 
+def _is_safetensors(head: bytes) -> bool:
+    """Tell whether the first bytes of a file are a safetensors header.
+
+    A safetensors file starts with the header's length as a little-endian uint64, followed by
+    the JSON header itself. A torch.save file starts with a zip or pickle signature instead.
+    """
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return 0 < header_length < 100_000_000 and head[8:9] == b"{"
+
+
 def _source_name(source: str | os.PathLike | BinaryIO) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
@@ -180,8 +195,8 @@ def load_weights_file(source: str | os.PathLike | BinaryIO) -> object:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: the path is a folder, the file is truncated or corrupt, or its pickle needs
-            more than tensors and plain containers.
+        ValueError: the path is a folder or a safetensors file, the file is truncated or
+            corrupt, or its pickle needs more than tensors and plain containers.
     """
     name = _source_name(source)
     if isinstance(source, (str, os.PathLike)):
@@ -190,6 +205,14 @@ def load_weights_file(source: str | os.PathLike | BinaryIO) -> object:
             raise ValueError(f"{name} is a folder; expected a checkpoint file inside it")
         if not path.exists():
             raise FileNotFoundError(f"checkpoint file not found: {name}")
+        with path.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)
+        if _is_safetensors(head):
+            raise ValueError(
+                f"{name} is a safetensors file; expected a torch.save file (a zip archive or a "
+                "legacy pickle). Load it with safetensors.torch.load_file, or re-save its state "
+                "dict with torch.save"
+            )
 
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
@@ -263,12 +286,19 @@ def load_sam_checkpoint(source: str | os.PathLike | BinaryIO, variant: str) -> S
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: a folder, a truncated or corrupt file, a pickle that needs code execution,
-            a checkpoint of another variant, or missing, unexpected or mis-shaped keys.
+        ValueError: a folder, a safetensors file, a truncated or corrupt file, a pickle that
+            needs code execution, a Hugging Face transformers state dict, a checkpoint of
+            another variant, or missing, unexpected or mis-shaped keys.
     """
     arch = get_sam_arch(variant)
     name = _source_name(source)
     state_dict = unwrap_state_dict(load_weights_file(source), name, "image_encoder.")
+    if any(key.startswith(_HF_SAM_PREFIX) for key in state_dict):
+        raise ValueError(
+            f"{name} is a Hugging Face transformers SamModel state dict (keys vision_encoder.*); "
+            "expected the official segment_anything layout (image_encoder.*, prompt_encoder.*, "
+            "mask_decoder.*), as in the released sam_vit_b_01ec64.pth"
+        )
 
     detected = detect_sam_variant(state_dict)
     if detected is not None and detected != variant:

@@ -9,8 +9,8 @@ Files:
   ``torch.load(weights_only=True)`` reads it. Only training checkpoints carry it.
 - ``config.yaml``: the resolved run config that produced the weights.
 
-Every file is committed atomically through ``samclip.tasks.storage``, so a folder never holds a
-truncated file under its final name.
+Every file is committed atomically through ``samclip.tasks.storage``, so a truncated file never
+appears under its final name.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ def save_student_checkpoint(
 
     for key in ("arch", "embed_dim"):
         if key not in student_meta:
-            raise ValueError(f"student_meta is missing {key!r}: build it with student_meta(arch, embed_dim)")
+            raise ValueError(
+                f"student_meta is missing {key!r}: build it with student_meta(arch, embed_dim)"
+            )
 
     storage.makedirs(dir_path)
     storage.write_bytes(storage.join(dir_path, MODEL_FILE), save_safetensors(_unshared_state_dict(model)))
@@ -84,7 +86,9 @@ def read_student_meta(uri_or_dir: str) -> dict[str, Any]:
         )
     meta = storage.read_json(meta_uri)
     if meta.get("format", CHECKPOINT_FORMAT) != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta_uri} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
+        raise ValueError(
+            f"{meta_uri} has format {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}"
+        )
     if int(meta.get("version", CHECKPOINT_VERSION)) > CHECKPOINT_VERSION:
         raise ValueError(
             f"{meta_uri} has format version {meta['version']}, newer than this code's "
@@ -135,13 +139,15 @@ def load_train_state(uri_or_dir: str) -> dict[str, Any]:
     """Read ``train_state.pt`` with ``weights_only=True`` onto the CPU."""
     uri = storage.join(uri_or_dir, TRAIN_STATE_FILE)
     if not storage.exists(uri):
-        raise FileNotFoundError(f"{uri} not found: the checkpoint holds weights only and cannot resume training")
+        raise FileNotFoundError(
+            f"{uri} not found: the checkpoint contains weights only and cannot resume training"
+        )
     return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
 def _unshared_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    # safetensors rejects tensors that share storage; a clone of each later alias keeps every key
-    # loadable with strict matching at the cost of storing tied weights twice.
+    # safetensors rejects tensors that share storage. Cloning each later alias keeps every key
+    # for strict loading, at the cost of storing tied weights twice.
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():

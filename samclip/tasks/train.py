@@ -4,13 +4,12 @@
 workers run ``train_loop.train_loop_per_worker``, and returns the final checkpoint with the
 stage's metrics. Runs live under ``{train root}/{run_name}/``: Ray Train's checkpoints,
 ``metrics.jsonl``, ``loss_curve.png`` and ``result.json``. A run name that already has a
-``result.json`` returns that result without training again; one without it resumes from its
-last checkpoint, because Ray Train restores a run by name.
+``result.json`` returns that result without training again. A run name without one resumes
+from its last checkpoint, because Ray Train restores a run by name.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,20 +19,20 @@ from typing import Any
 from samclip.config import PipelineConfig, StageConfig, dump_config
 from samclip.tasks import storage
 from samclip.tasks.train_data import StageData, StageTables, build_stage_tables
-from samclip.tasks.train_loop import METRICS_FILE, LoopSettings, train_loop_per_worker
+from samclip.tasks.train_loop import LoopSettings, train_loop_per_worker
+from samclip.tasks.train_metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
 from samclip.tasks.train_steps import check_stage
 
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
-LOSS_CURVE_FILE = "loss_curve.png"
 
 __all__ = ["StageData", "StageResult", "run_stage", "stage_config_for"]
 
 
 @dataclass(frozen=True)
 class StageResult:
-    """What a finished stage produced."""
+    """Outputs of a finished stage."""
 
     run_name: str
     checkpoint_uri: str  # the final student checkpoint folder
@@ -66,7 +65,7 @@ def run_stage(
         run_name: a stable name; the same name resumes or returns the same run.
         stage_config: overrides ``config.train.stage{stage}`` (the sweep passes sampled values).
         callbacks: Ray Train user callbacks, such as Tune's ``TuneReportCallback``.
-        storage_uri: the folder that holds runs; ``config.uri("train")`` by default.
+        storage_uri: the parent folder of run folders, ``config.uri("train")`` by default.
     """
     import ray.data
     import ray.train
@@ -90,11 +89,11 @@ def run_stage(
     # data and settings for the workers
     init_ray(config.ray)
     tables = build_stage_tables(data, stage)
-    settings = _loop_settings(config, stage, stage_cfg, tables, init_checkpoint, run_uri, ensure_teachers(config))
+    teacher_files = ensure_teachers(config)
+    settings = _loop_settings(config, stage, stage_cfg, tables, init_checkpoint, run_uri, teacher_files)
     logger.info(
-        "stage %d run %s: %s images (%s), %d steps",
-        stage, run_name, tables.counts["train"], ", ".join(f"{k} {v}" for k, v in tables.counts.items()),
-        settings.total_steps,
+        "stage %d run %s: images %s, %d steps",
+        stage, run_name, ", ".join(f"{k} {v}" for k, v in tables.counts.items()), settings.total_steps,
     )
 
     # the trainer
@@ -122,16 +121,19 @@ def run_stage(
     )
     result = trainer.fit()
     if result.checkpoint is None:
-        raise RuntimeError(f"stage {stage} run {run_name} finished without a checkpoint; see the worker logs")
+        raise RuntimeError(
+            f"stage {stage} run {run_name} finished without a checkpoint: see the worker logs above"
+        )
 
     # outputs beside the checkpoints
     metrics_uri = storage.join(run_uri, METRICS_FILE)
     png_uri = storage.join(run_uri, LOSS_CURVE_FILE)
     plot_loss_curve(metrics_uri, png_uri, title=f"stage {stage}: {run_name}")
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
     stage_result = StageResult(
         run_name=run_name,
-        checkpoint_uri=_uri_of(root, result.checkpoint.path),
-        metrics={k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))},
+        checkpoint_uri=uri_from_storage_path(root, result.checkpoint.path),
+        metrics=metrics,
         metrics_jsonl_uri=metrics_uri,
         loss_curve_png_uri=png_uri,
         seconds=time.perf_counter() - started,
@@ -163,10 +165,13 @@ def _loop_settings(
     sam_per_worker = tables.counts["train_sam"] // workers
     if stage == 2 and sam_per_worker == 0:
         raise ValueError(
-            f"{tables.counts['train_sam']} train images with SAM features cannot feed {workers} workers: "
-            "lower train.workers or precompute SAM features for more images"
+            f"{tables.counts['train_sam']} train images with SAM features cannot feed {workers} "
+            "workers: lower train.workers or precompute SAM features for more images"
         )
     student = config.student
+    # the config written into each checkpoint shows the stage settings this run really used
+    resolved = config.model_copy(deep=True)
+    setattr(resolved.train, f"stage{stage}", stage_cfg)
     return LoopSettings(
         stage=stage,
         stage_config=stage_cfg.model_dump(mode="json"),
@@ -186,7 +191,7 @@ def _loop_settings(
         clip_spec=tables.clip_spec,
         sam_spec=tables.sam_spec,
         val_has_sam=tables.counts["val_sam"] > 0,
-        config_yaml=dump_config(config),
+        config_yaml=dump_config(resolved),
         max_pixels=config.data.max_pixels,
         endpoint_url=config.storage.endpoint_url,
         score_weights=(config.sweep.clip_weight, config.sweep.sam_weight),
@@ -194,51 +199,9 @@ def _loop_settings(
     )
 
 
-def _uri_of(root_uri: str, storage_path: str) -> str:
+def uri_from_storage_path(root_uri: str, storage_path: str) -> str:
     """Turn a path on Ray Train's storage filesystem back into a URI like ``root_uri``."""
     if storage.local_path(root_uri) is not None:
         return storage_path
     protocol = root_uri.split("://", 1)[0]
     return f"{protocol}://{storage_path.lstrip('/')}"
-
-
-def read_metrics_jsonl(uri: str) -> list[dict[str, Any]]:
-    if not storage.exists(uri):
-        return []
-    return [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
-
-
-def plot_loss_curve(metrics_uri: str, png_uri: str, title: str) -> str:
-    """Draw train and val losses against the step from ``metrics.jsonl`` into a PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = read_metrics_jsonl(metrics_uri)
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for kind, key, style in (
-        ("train", "train/loss", "-"),
-        ("train", "train/clip_cosine", ":"),
-        ("eval", "val/loss", "o-"),
-        ("eval", "val/clip_cosine", "s--"),
-    ):
-        points = [(line["step"], line[key]) for line in lines if line.get("kind") == kind and key in line]
-        if points:
-            steps, values = zip(*points)
-            axis.plot(steps, values, style, label=key)
-    axis.set_xlabel("optimiser step")
-    axis.set_ylabel("loss")
-    axis.set_title(title)
-    if axis.has_data():
-        axis.legend()
-    else:
-        axis.text(0.5, 0.5, "no metrics recorded", ha="center", va="center", transform=axis.transAxes)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    storage.write_bytes(png_uri, buffer.getvalue())
-    return png_uri

@@ -20,7 +20,7 @@ from samclip.tasks.train_steps import ClipBatch, SamBatch
 
 @dataclass(frozen=True)
 class StageData:
-    """Where a stage reads its data: the curation manifest and the teachers' feature folders."""
+    """Input locations of a stage: the curation manifest and the teachers' feature folders."""
 
     manifest_uri: str
     clip_features_dir: str
@@ -60,24 +60,29 @@ def build_stage_tables(data: StageData, stage: int) -> StageTables:
     hash). SAM features may cover a subset: SAM batches and val/sam metrics use the rows that
     have one. Stage 2 raises ValueError when no train row has a SAM feature.
 
-    NOTE: the join holds every selected feature in the driver's memory, which suits
-    precomputed subsets of up to some 100k images; larger runs need a Ray Data join.
+    NOTE: the join keeps every selected feature in the driver's memory and Ray's object store.
+    A ViT-B SAM embedding (256 x 64 x 64 float16) is 2 MiB, so stage 2 at that size fits only a
+    few thousand images this way; larger runs need a Ray Data join that streams the shards.
     """
-    from samclip.tasks.features import read_features
+    from samclip.tasks.features import read_feature_hashes, read_features
 
     manifest = storage.read_parquet(data.manifest_uri, columns=["hash", "uri", "split"]).to_pylist()
     manifest.sort(key=lambda row: row["hash"])
     train_rows = [row for row in manifest if row["split"] == "train"]
     val_rows = [row for row in manifest if row["split"] == "val"]
     if not train_rows:
-        raise ValueError(f"manifest {data.manifest_uri} has no rows with split 'train': curate more images")
+        raise ValueError(
+            f"manifest {data.manifest_uri} has no rows with split 'train': curate more images"
+        )
 
     clip = read_features(data.clip_features_dir, [row["hash"] for row in manifest])
     clip_spec = _spec(clip, data.clip_features_dir)
     sam: dict[str, np.ndarray] = {}
     sam_spec = None
     if data.sam_features_dir is not None:
-        sam = read_features(data.sam_features_dir)
+        present = read_feature_hashes(data.sam_features_dir)
+        wanted = [row["hash"] for row in manifest if row["hash"] in present]
+        sam = read_features(data.sam_features_dir, wanted)
         sam_spec = _spec(sam, data.sam_features_dir) if sam else None
 
     train = _table(train_rows, clip, None)
@@ -110,20 +115,21 @@ def _spec(features: dict[str, np.ndarray], source: str) -> FeatureSpec:
     return FeatureSpec(dtype=str(first.dtype), shape=tuple(int(s) for s in first.shape))
 
 
-def _table(rows: list[dict], clip: dict[str, np.ndarray] | None, sam: dict[str, np.ndarray] | None) -> pa.Table:
+def _table(
+    rows: list[dict], clip: dict[str, np.ndarray] | None, sam: dict[str, np.ndarray] | None
+) -> pa.Table:
     columns: dict[str, pa.Array] = {
         "hash": pa.array([row["hash"] for row in rows], pa.string()),
         "uri": pa.array([row["uri"] for row in rows], pa.string()),
     }
-    little = {}
     for name, features in (("clip", clip), ("sam", sam)):
         if features is not None:
-            little[name] = pa.array([_le_bytes(features[row["hash"]]) for row in rows], pa.binary())
-    columns.update(little)
+            raw = [_little_endian_bytes(features[row["hash"]]) for row in rows]
+            columns[name] = pa.array(raw, pa.binary())
     return pa.table(columns)
 
 
-def _le_bytes(array: np.ndarray) -> bytes:
+def _little_endian_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
 
 
@@ -140,10 +146,13 @@ def make_clip_batch(
     from samclip.model.images import batch_student_clip_inputs
 
     images = load_images(rows["uri"], max_pixels)
-    return ClipBatch(images=batch_student_clip_inputs(images, resolution), targets=spec.decode(rows["clip"]))
+    inputs = batch_student_clip_inputs(images, resolution)
+    return ClipBatch(images=inputs, targets=spec.decode(rows["clip"]))
 
 
-def make_sam_batch(rows: dict[str, np.ndarray], spec: FeatureSpec, resolution: int, max_pixels: int) -> SamBatch:
+def make_sam_batch(
+    rows: dict[str, np.ndarray], spec: FeatureSpec, resolution: int, max_pixels: int
+) -> SamBatch:
     from samclip.model.images import batch_sam_inputs
 
     images, valid_hw = batch_sam_inputs(load_images(rows["uri"], max_pixels), resolution)

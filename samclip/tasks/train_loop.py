@@ -1,14 +1,14 @@
 """The per-worker loop of a training stage, run by Ray Train's TorchTrainer on every worker.
 
-Rank 0 writes checkpoints and ``metrics.jsonl``; every rank calls ``ray.train.report`` with the
-same metrics. Gradients are averaged across workers by hand after both backward passes of a
-step, rather than by DDP: the student is called through ``clip_embedding``, ``image_embeddings``
-and ``predict_masks`` instead of ``forward``, and stage 2 runs two backward passes per step,
-neither of which DDP's reducer supports.
+Rank 0 writes checkpoints and ``metrics.jsonl``, and every rank calls ``ray.train.report`` with
+the same metrics. Gradients are averaged across workers by hand after both backward passes of
+a step. DDP would not fit: the student is called through ``clip_embedding``,
+``image_embeddings`` and ``predict_masks`` rather than ``forward``, and stage 2 runs two
+backward passes per step.
 
-Randomness is derived from (seed, rank, epoch, step): the shuffle of each epoch and the prompts
-and torch RNG of each step. A resumed run therefore draws exactly what the original would have,
-and the training state needs no RNG state.
+Randomness is derived from (seed, rank, epoch, step): the shuffle of each epoch, and the
+prompts and torch RNG of each step. A resumed run therefore draws what the original run would
+have drawn, so the training state stores positions instead of RNG states.
 """
 
 from __future__ import annotations
@@ -28,17 +28,21 @@ import numpy as np
 import torch
 
 from samclip.config import StageConfig
+from samclip.logs import LOG_FORMAT
 from samclip.tasks import storage
 from samclip.tasks.checkpoints import (
     load_student,
+    load_student_state_dict,
     load_train_state,
     load_weights_strict,
-    load_student_state_dict,
     save_student_checkpoint,
     student_meta,
 )
+from samclip.tasks.train_collectives import all_reduce_sums, average_gradients, broadcast_parameters
 from samclip.tasks.train_data import FeatureSpec, make_clip_batch, make_sam_batch, slice_rows
+from samclip.tasks.train_metrics import METRICS_FILE, read_metrics_jsonl, write_metrics_jsonl
 from samclip.tasks.train_steps import (
+    SamBatch,
     accumulate_gradients,
     build_optimizer,
     build_scheduler,
@@ -50,23 +54,22 @@ from samclip.tasks.train_steps import (
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-SHUFFLE_BUFFER_ROWS = 1024  # rows held by Ray Data's local shuffle on each worker
+SHUFFLE_BUFFER_ROWS = 1024  # rows in Ray Data's local shuffle buffer on each worker
 
 
 @dataclass
 class LoopSettings:
-    """Everything a worker needs, built by the driver (plain values, so Ray can ship them)."""
+    """Everything a worker needs, built by the driver as plain values that Ray can ship."""
 
     stage: int
     stage_config: dict[str, Any]
     seed: int
     arch: str
-    student_options: dict[str, Any]
+    student_options: dict[str, Any]  # keyword arguments of build_student besides arch and embed_dim
     embed_dim: int
     teacher_files: Any  # samclip.tasks.teachers.TeacherFiles
     init_checkpoint: str | None
-    run_uri: str  # metrics.jsonl goes here
+    run_uri: str  # folder of the run, where metrics.jsonl goes
     steps_per_epoch: int
     sam_batches_per_pass: int
     clip_spec: FeatureSpec
@@ -96,88 +99,98 @@ def derive_seed(*parts: object) -> int:
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
-    settings: LoopSettings = loop_config["settings"]
-    stage_cfg = settings.stage_cfg
-    storage.configure_endpoint(settings.endpoint_url)
-    torch.set_num_threads(settings.torch_threads)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    _configure_logging()
-
-    # model, teacher decoder, optimiser
-    needs_teacher = settings.stage == 2 or settings.val_has_sam or settings.init_checkpoint is None
-    teacher = _load_teacher(settings).to(device) if needs_teacher else None
-    model = _initial_student(settings, teacher).to(device)
-    meta = student_meta(settings.arch, settings.embed_dim, **settings.student_options)
-    trainable = freeze_for_stage(model, settings.stage)
-    optimizer = build_optimizer(model, settings.stage, stage_cfg)
-    scheduler = build_scheduler(optimizer, stage_cfg, settings.total_steps)
-    state = _fresh_state()
-
-    # resume from this run's own last checkpoint (a restarted worker group or a rerun)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            load_weights_strict(model, load_student_state_dict(folder), source=folder)
-            saved = load_train_state(folder)
-        optimizer.load_state_dict(saved.pop("optimizer"))
-        scheduler.load_state_dict(saved.pop("scheduler"))
-        for schedule in scheduler.lr_lambdas:  # the loaded state carries the old run's lengths
-            schedule.warmup_steps, schedule.total_steps = stage_cfg.warmup_steps, max(settings.total_steps, 1)
-        state.update(saved)
-        # a run resumed with a larger max_steps or more epochs continues; early stopping stays final
-        state["finished"] = state["early_stopped"] or state["step"] >= settings.total_steps
-        model.to(device)
-        if rank == 0:
-            logger.info("stage %d resumed at step %d (epoch %d)", settings.stage, state["step"], state["epoch"])
-    _broadcast_parameters(model, world)
-    if rank == 0:
-        logger.info(
-            "stage %d: %d workers, %d trainable parameters, %d steps per epoch, %d steps in all",
-            settings.stage, world, trainable, settings.steps_per_epoch, settings.total_steps,
-        )
-
-    metrics_lines = _read_metrics_lines(settings.run_uri, state["step"]) if rank == 0 else []
-    shards = {
-        "train": ray.train.get_dataset_shard("train"),
-        "val": ray.train.get_dataset_shard("val"),
-        "train_sam": ray.train.get_dataset_shard("train_sam") if settings.stage == 2 else None,
-    }
-    loop = _Loop(settings, model, teacher, optimizer, scheduler, state, shards, rank, world, device, metrics_lines, meta)
-    loop.run()
+    """Train one stage on this worker; ``loop_config["settings"]`` is a LoopSettings."""
+    WorkerLoop(loop_config["settings"]).run()
 
 
-class _Loop:
-    """Epochs, steps, validation and checkpoints of one worker; state lives in ``self.state``."""
+class WorkerLoop:
+    """Model, optimiser, data shards and training state of one worker, and the loop over them."""
 
-    def __init__(self, settings, model, teacher, optimizer, scheduler, state, shards, rank, world, device, metrics_lines, meta):
+    def __init__(self, settings: LoopSettings) -> None:
+        import ray.train
+        import ray.train.torch
+
         self.settings = settings
         self.cfg = settings.stage_cfg
-        self.model, self.teacher = model, teacher
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.state = state
-        self.shards = shards
-        self.rank, self.world, self.device = rank, world, device
-        self.metrics_lines = metrics_lines
-        self.meta = meta
-        self.sam_stream = self._sam_batches() if settings.stage == 2 else None
-        self.window: dict[str, float] = {}
+        storage.configure_endpoint(settings.endpoint_url)
+        torch.set_num_threads(settings.torch_threads)
+        _configure_logging()
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+        # model, frozen teacher decoder, optimiser
+        stage = settings.stage
+        needs_teacher = stage == 2 or settings.val_has_sam or settings.init_checkpoint is None
+        self.teacher = _load_teacher(settings).to(self.device) if needs_teacher else None
+        self.model = _initial_student(settings, self.teacher).to(self.device)
+        self.meta = student_meta(settings.arch, settings.embed_dim, **settings.student_options)
+        trainable = freeze_for_stage(self.model, stage)
+        self.optimizer = build_optimizer(self.model, stage, self.cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, settings.total_steps)
+        self.state = _fresh_state()
+        self._restore()
+        broadcast_parameters(self.model, self.world)
+        if self.rank == 0:
+            logger.info(
+                "stage %d: %d workers, %d trainable parameters, %d steps per epoch, %d steps in all",
+                stage, self.world, trainable, settings.steps_per_epoch, settings.total_steps,
+            )
+
+        # data and bookkeeping
+        self.shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+        self.sam_stream = None
+        if stage == 2:
+            self.shards["train_sam"] = ray.train.get_dataset_shard("train_sam")
+            self.sam_stream = self._sam_batches()
+        self.metrics_uri = storage.join(settings.run_uri, METRICS_FILE)
+        self.metrics_lines = []
+        if self.rank == 0:
+            self.metrics_lines = read_metrics_jsonl(self.metrics_uri, self.state["step"])
+        self.window: dict[str, float] = {}  # summed loss terms since the last report
         self.window_steps = 0
+        self.reported = False
+
+    def _restore(self) -> None:
+        """Resume from this run's own last checkpoint (a restarted worker group or a rerun)."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            load_weights_strict(self.model, load_student_state_dict(folder), source=folder)
+            saved = load_train_state(folder)
+        self.optimizer.load_state_dict(saved.pop("optimizer"))
+        self.scheduler.load_state_dict(saved.pop("scheduler"))
+        # The loaded schedule carries the old run's lengths; the current settings win.
+        for schedule in self.scheduler.lr_lambdas:
+            schedule.warmup_steps = self.cfg.warmup_steps
+            schedule.total_steps = max(self.settings.total_steps, 1)
+        state = self.state
+        state.update(saved)
+        # A run resumed with a larger max_steps or more epochs continues; early stopping is final.
+        state["finished"] = (
+            state["early_stopped"]
+            or state["step"] >= self.settings.total_steps
+            or state["epoch"] >= self.cfg.epochs
+        )
+        if self.rank == 0:
+            logger.info(
+                "stage %d resumed at step %d (epoch %d)", self.settings.stage, state["step"], state["epoch"]
+            )
 
     def run(self) -> None:
         import ray.train
 
-        if self.state["finished"]:
-            # The run completed before; report its final metrics again so the result has them.
-            logger.info("stage %d already finished at step %d", self.settings.stage, self.state["step"])
-            ray.train.report(self.state["last_metrics"], checkpoint=ray.train.get_checkpoint() if self.rank == 0 else None)
-            return
-
         while self.state["epoch"] < self.cfg.epochs and not self.state["finished"]:
             self._train_epoch()
+
+        if not self.reported:
+            # The restored checkpoint was already final: report it again so the result has it.
+            logger.info("stage %d already finished at step %d", self.settings.stage, self.state["step"])
+            restored = ray.train.get_checkpoint() if self.rank == 0 else None
+            ray.train.report(self.state["last_metrics"], checkpoint=restored)
 
     def _train_epoch(self) -> None:
         settings, cfg, state = self.settings, self.cfg, self.state
@@ -187,66 +200,72 @@ class _Loop:
             batch_size=cfg.clip_batch_size,
             batch_format="numpy",
             local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-            local_shuffle_seed=derive_seed(settings.seed, "shuffle", self.rank, epoch) % (2**31),
+            local_shuffle_seed=derive_seed(settings.seed, "shuffle", self.rank, epoch) % 2**31,
         )
-        started = time.perf_counter()
         for index, rows in enumerate(batches):
             if index < state["batch_in_epoch"]:
-                continue  # already trained on before the restart
+                continue  # trained on before the restart
             self._step(rows, epoch)
             state["batch_in_epoch"] = index + 1
-            end_of_epoch = state["batch_in_epoch"] >= settings.steps_per_epoch
-            at_max = cfg.max_steps is not None and state["step"] >= cfg.max_steps
-            periodic = cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0
-            if at_max:
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
                 state["finished"] = True
-            if end_of_epoch or at_max:
+            if state["batch_in_epoch"] >= settings.steps_per_epoch or state["finished"]:
                 break
-            if periodic:
+            if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 self._validate_and_checkpoint(epoch_done=False)
+
+        epoch_done = state["batch_in_epoch"] >= settings.steps_per_epoch or not state["finished"]
         if not state["finished"] and state["batch_in_epoch"] < settings.steps_per_epoch:
             logger.warning(
-                "epoch %d ended after %d of %d expected batches", epoch, state["batch_in_epoch"], settings.steps_per_epoch
+                "epoch %d ended after %d of %d expected batches",
+                epoch, state["batch_in_epoch"], settings.steps_per_epoch,
             )
-        state["epoch"] = epoch + 1
-        state["batch_in_epoch"] = 0
+        if epoch_done:
+            # A stop at max_steps inside an epoch keeps the position, so a longer run continues it.
+            state["epoch"] = epoch + 1
+            state["batch_in_epoch"] = 0
         if state["epoch"] >= cfg.epochs:
             state["finished"] = True
-        logger.debug("epoch %d took %.1f s", epoch, time.perf_counter() - started)
-        self._validate_and_checkpoint(epoch_done=True)
+        self._validate_and_checkpoint(epoch_done=epoch_done)
 
     def _step(self, rows: dict[str, np.ndarray], epoch: int) -> None:
         settings, cfg, state = self.settings, self.cfg, self.state
-        step_started = time.perf_counter()
+        started = time.perf_counter()
         torch.manual_seed(derive_seed(settings.seed, "torch", self.rank, state["step"]))
-        resolution = cfg.clip_resolution
-        clip_batch = make_clip_batch(rows, settings.clip_spec, resolution, settings.max_pixels)
-        clip_batch.images, clip_batch.targets = clip_batch.images.to(self.device), clip_batch.targets.to(self.device)
-        samples = clip_batch.images.shape[0]
 
+        # batches: CLIP images, and in stage 2 SAM images with their sampled prompts
+        clip_batch = make_clip_batch(rows, settings.clip_spec, cfg.clip_resolution, settings.max_pixels)
+        clip_batch = clip_batch.to(self.device)
+        samples = clip_batch.images.shape[0]
         sam_batch = prompts = None
         if settings.stage == 2:
             sam_batch = next(self.sam_stream)
             state["sam_batches_drawn"] += 1
-            prompts = self._prompts(sam_batch, derive_seed(settings.seed, "prompts", self.rank, state["step"]))
+            prompt_seed = derive_seed(settings.seed, "prompts", self.rank, state["step"])
+            prompts = self._prompts(sam_batch, prompt_seed)
             samples += sam_batch.images.shape[0]
 
-        terms = accumulate_gradients(self.model, settings.stage, cfg, clip_batch, sam_batch, prompts, self.teacher)
-        _average_gradients(self.optimizer, self.world)
+        # backward passes, gradient averaging, one optimiser step
+        lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
+        terms = accumulate_gradients(
+            self.model, settings.stage, cfg, clip_batch, sam_batch, prompts, self.teacher
+        )
+        average_gradients(self.optimizer, self.world)
         terms["grad_norm"] = optimizer_step(self.optimizer, self.scheduler, cfg)
         state["step"] += 1
 
+        # bookkeeping and the log line
         for name, value in terms.items():
             self.window[name] = self.window.get(name, 0.0) + value
         self.window_steps += 1
-        seconds = time.perf_counter() - step_started
-        samples_per_second = samples * self.world / max(seconds, 1e-9)
-        log_now = state["step"] == 1 or state["step"] % cfg.log_every == 0 or state["step"] == settings.total_steps
-        if self.rank == 0 and log_now:
-            self._log_step(epoch, terms, samples_per_second)
+        samples_per_second = samples * self.world / max(time.perf_counter() - started, 1e-9)
+        step = state["step"]
+        if self.rank == 0 and (step == 1 or step % cfg.log_every == 0 or step == settings.total_steps):
+            self._log_step(epoch, terms, lrs, samples_per_second)
 
-    def _log_step(self, epoch: int, terms: dict[str, float], samples_per_second: float) -> None:
-        lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
+    def _log_step(
+        self, epoch: int, terms: dict[str, float], lrs: dict[str, float], samples_per_second: float
+    ) -> None:
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         logger.info(
             "stage %d | epoch %d | step %d/%d | %s | %s | %.1f samples/s | peak rss %.0f MiB",
@@ -255,39 +274,36 @@ class _Loop:
             " ".join(f"{name} {value:.2e}" for name, value in lrs.items()),
             samples_per_second, peak_rss_mib,
         )
-        self.metrics_lines.append(
-            {"kind": "train", "step": self.state["step"], "epoch": epoch, **{f"train/{k}": v for k, v in terms.items()}, **lrs,
-             "samples_per_second": samples_per_second, "peak_rss_mib": peak_rss_mib}
-        )
+        line = {"kind": "train", "step": self.state["step"], "epoch": epoch}
+        line.update({f"train/{name}": value for name, value in terms.items()})
+        line.update(lrs)
+        line.update({"samples_per_second": samples_per_second, "peak_rss_mib": peak_rss_mib})
+        self.metrics_lines.append(line)
 
-    def _prompts(self, sam_batch, seed: int):
+    def _prompts(self, sam_batch: SamBatch, seed: int):
         from samclip.model.prompts import sample_prompts
 
         generator = torch.Generator().manual_seed(seed)
-        prompts = sample_prompts(sam_batch.images.shape[0], self.cfg.masks_per_image, sam_batch.valid_hw, generator)
+        count = sam_batch.images.shape[0]
+        prompts = sample_prompts(count, self.cfg.masks_per_image, sam_batch.valid_hw, generator)
         return type(prompts)(*(None if t is None else t.to(self.device) for t in prompts))
 
-    def _sam_batches(self) -> Iterator:
-        """Cycle over the SAM rows forever, reshuffled each pass, resuming at the saved position."""
+    def _sam_batches(self) -> Iterator[SamBatch]:
+        """Cycle over the SAM rows forever, reshuffled each pass, from the saved position on."""
         settings, cfg = self.settings, self.cfg
-        per_pass = max(settings.sam_batches_per_pass, 1)
-        drawn = self.state["sam_batches_drawn"]
-        pass_index, skip = divmod(drawn, per_pass)
+        pass_index, skip = divmod(self.state["sam_batches_drawn"], max(settings.sam_batches_per_pass, 1))
         resolution = self.model.arch.sam_resolution
         while True:
             batches = self.shards["train_sam"].iter_batches(
                 batch_size=cfg.sam_batch_size,
                 batch_format="numpy",
                 local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-                local_shuffle_seed=derive_seed(settings.seed, "sam-shuffle", self.rank, pass_index) % (2**31),
+                local_shuffle_seed=derive_seed(settings.seed, "sam-shuffle", self.rank, pass_index) % 2**31,
             )
             for index, rows in enumerate(batches):
-                if index < skip:
-                    continue
-                batch = make_sam_batch(rows, settings.sam_spec, resolution, settings.max_pixels)
-                batch.images = batch.images.to(self.device)
-                batch.teacher_embeddings = batch.teacher_embeddings.to(self.device)
-                yield batch
+                if index >= skip:
+                    batch = make_sam_batch(rows, settings.sam_spec, resolution, settings.max_pixels)
+                    yield batch.to(self.device)
             skip = 0
             pass_index += 1
 
@@ -295,32 +311,30 @@ class _Loop:
         settings, cfg = self.settings, self.cfg
         self.model.eval()
         totals: dict[str, float] = {}
-        # the same prompts for the same val images at every validation, so epochs compare
-        generator_seed = derive_seed(settings.seed, "val-prompts", self.rank)
-        batch_index = 0
-        for rows in self.shards["val"].iter_batches(batch_size=cfg.clip_batch_size, batch_format="numpy"):
+        # the same prompts for the same val images at every validation, so that reports compare
+        prompt_seed = derive_seed(settings.seed, "val-prompts", self.rank)
+        batches = self.shards["val"].iter_batches(batch_size=cfg.clip_batch_size, batch_format="numpy")
+        for batch_index, rows in enumerate(batches):
             clip_batch = make_clip_batch(rows, settings.clip_spec, cfg.clip_resolution, settings.max_pixels)
-            clip_batch.images, clip_batch.targets = clip_batch.images.to(self.device), clip_batch.targets.to(self.device)
-            sums = validation_sums(self.model, cfg, clip_batch)
-            _add(totals, sums)
-            if settings.val_has_sam and self.teacher is not None:
-                count = len(rows["hash"])
-                for start in range(0, count, cfg.sam_batch_size):
-                    part = slice_rows(rows, start, start + cfg.sam_batch_size)
-                    sam_batch = make_sam_batch(part, settings.sam_spec, self.model.arch.sam_resolution, settings.max_pixels)
-                    sam_batch.images = sam_batch.images.to(self.device)
-                    sam_batch.teacher_embeddings = sam_batch.teacher_embeddings.to(self.device)
-                    prompts = self._prompts(sam_batch, derive_seed(generator_seed, batch_index, start))
-                    _add(totals, validation_sums(self.model, cfg, None, sam_batch, prompts, self.teacher))
-            batch_index += 1
+            _add(totals, validation_sums(self.model, cfg, clip_batch.to(self.device)))
+            if not settings.val_has_sam or self.teacher is None:
+                continue
+            for start in range(0, len(rows["hash"]), cfg.sam_batch_size):
+                part = slice_rows(rows, start, start + cfg.sam_batch_size)
+                resolution = self.model.arch.sam_resolution
+                sam_batch = make_sam_batch(part, settings.sam_spec, resolution, settings.max_pixels)
+                sam_batch = sam_batch.to(self.device)
+                prompts = self._prompts(sam_batch, derive_seed(prompt_seed, batch_index, start))
+                _add(totals, validation_sums(self.model, cfg, None, sam_batch, prompts, self.teacher))
         self.model.train()
-        totals = _all_reduce_sums(totals, self.world)
-        return validation_metrics(totals, settings.stage, cfg)
+        return validation_metrics(all_reduce_sums(totals, self.world), settings.stage, cfg)
 
     def _validate_and_checkpoint(self, epoch_done: bool) -> None:
         import ray.train
 
         settings, cfg, state = self.settings, self.cfg, self.state
+
+        # metrics: train means since the last report, learning rates, validation
         metrics: dict[str, float] = {
             "epoch": state["step"] / max(settings.steps_per_epoch, 1),
             "step": state["step"],
@@ -333,7 +347,8 @@ class _Loop:
         metrics.update(val)
         if "val/clip_similarity" in val:
             clip_weight, sam_weight = settings.score_weights
-            metrics["val/score"] = clip_weight * val["val/clip_similarity"] + sam_weight * val.get("val/sam_iou", 0.0)
+            sam_part = sam_weight * val.get("val/sam_iou", 0.0)
+            metrics["val/score"] = clip_weight * val["val/clip_similarity"] + sam_part
 
         # early stopping on the stage objective, once per epoch
         if epoch_done and "val/loss" in val and cfg.early_stopping_patience is not None:
@@ -342,30 +357,39 @@ class _Loop:
             else:
                 state["epochs_without_improvement"] += 1
                 if state["epochs_without_improvement"] >= cfg.early_stopping_patience:
-                    logger.info("early stopping: val/loss has not improved for %d epochs", cfg.early_stopping_patience)
+                    logger.info(
+                        "early stopping: val/loss has not improved for %d epochs", cfg.early_stopping_patience
+                    )
                     state["finished"] = state["early_stopped"] = True
         metrics["finished"] = float(state["finished"])
         state["last_metrics"] = metrics
-        if self.rank == 0:
-            logger.info("stage %d | step %d | %s", settings.stage, state["step"],
-                        " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")))
-            self.metrics_lines.append({"kind": "eval", **metrics})
 
+        # checkpoint: rank 0 writes it, every rank reports
         with tempfile.TemporaryDirectory(prefix="samclip-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
-                train_state = {**state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+                logger.info(
+                    "stage %d | step %d | %s", settings.stage, state["step"],
+                    " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val/")),
+                )
+                self.metrics_lines.append({"kind": "eval", **metrics})
+                train_state = {
+                    **state,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                }
                 save_student_checkpoint(folder, self.model, self.meta, train_state, settings.config_yaml)
-                _write_metrics_lines(settings.run_uri, self.metrics_lines)
+                write_metrics_jsonl(self.metrics_uri, self.metrics_lines)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
+        self.reported = True
 
 
 def _fresh_state() -> dict[str, Any]:
     return {
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
+        "step": 0,  # optimiser steps taken
+        "epoch": 0,  # the epoch in progress
+        "batch_in_epoch": 0,  # CLIP batches of that epoch already trained on
         "sam_batches_drawn": 0,
         "finished": False,
         "early_stopped": False,
@@ -396,60 +420,18 @@ def _initial_student(settings: LoopSettings, teacher: torch.nn.Module | None) ->
     if settings.init_checkpoint is not None:
         return load_student(settings.init_checkpoint)
     assert teacher is not None
-    # the CLIP head's random MLP comes from the global RNG: the same on every worker
+    # build_student draws the CLIP head's MLP from the global RNG; a fixed seed gives every
+    # worker the same head
     torch.manual_seed(derive_seed(settings.seed, "student-init"))
     return build_student(settings.arch, teacher, settings.embed_dim, **settings.student_options)
 
 
-def _broadcast_parameters(model: torch.nn.Module, world: int) -> None:
-    if world > 1:
-        for tensor in model.state_dict().values():
-            torch.distributed.broadcast(tensor, src=0)
-
-
-def _average_gradients(optimizer: torch.optim.Optimizer, world: int) -> None:
-    """All-reduce the mean of every trainable gradient in one flat buffer."""
-    if world == 1:
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for param, grad in zip(params, grads):
-        param.grad = flat[offset : offset + grad.numel()].view_as(param).clone()
-        offset += grad.numel()
-
-
-def _all_reduce_sums(totals: dict[str, float], world: int) -> dict[str, float]:
-    if world == 1:
-        return totals
-    names = ["clip_cosine", "clip_count", "sam_focal", "sam_dice", "sam", "sam_count", "sam_iou", "mask_count"]
-    values = torch.tensor([totals.get(name, 0.0) for name in names], dtype=torch.float64)
-    torch.distributed.all_reduce(values)
-    return dict(zip(names, values.tolist()))
-
-
-def _read_metrics_lines(run_uri: str, up_to_step: int) -> list[dict[str, Any]]:
-    uri = storage.join(run_uri, METRICS_FILE)
-    if not storage.exists(uri):
-        return []
-    lines = [json.loads(line) for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
-    # lines past the restored checkpoint belong to work that is being redone
-    return [line for line in lines if line.get("step", 0) <= up_to_step]
-
-
-def _write_metrics_lines(run_uri: str, lines: list[dict[str, Any]]) -> None:
-    # object stores cannot append, so the whole file is rewritten at each checkpoint
-    text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-    storage.write_text(storage.join(run_uri, METRICS_FILE), text)
-
-
 def _configure_logging() -> None:
+    # Ray's worker processes usually give the root logger a handler already. One is added only
+    # where none exists, so that each line prints once.
     package = logging.getLogger("samclip")
-    if not package.handlers:
+    package.setLevel(logging.INFO)
+    if not package.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
         package.addHandler(handler)
-        package.setLevel(logging.INFO)

@@ -1,4 +1,4 @@
-"""What one training step does in each stage, as plain torch functions (no Ray).
+"""Training steps of each stage as plain torch functions, without Ray.
 
 Stage semantics (SAM-CLIP, Wang et al., arXiv 2310.15308):
 - stage 1, head probing: only the CLIP head trains, on L_CLIP (cosine distance to the CLIP
@@ -45,6 +45,9 @@ class ClipBatch:
     images: torch.Tensor  # (B, 3, S, S) at the stage's clip_resolution
     targets: torch.Tensor  # (B, D) float32
 
+    def to(self, device: torch.device | str) -> "ClipBatch":
+        return ClipBatch(self.images.to(device), self.targets.to(device))
+
 
 @dataclass
 class SamBatch:
@@ -53,6 +56,9 @@ class SamBatch:
     images: torch.Tensor  # (B, 3, H, W) at the student's SAM resolution
     valid_hw: list[tuple[int, int]]  # unpadded (h, w) of each image inside (H, W)
     teacher_embeddings: torch.Tensor  # (B, C', h', w') float32
+
+    def to(self, device: torch.device | str) -> "SamBatch":
+        return SamBatch(self.images.to(device), self.valid_hw, self.teacher_embeddings.to(device))
 
 
 def check_stage(stage: int) -> None:
@@ -100,7 +106,7 @@ def build_optimizer(model: nn.Module, stage: int, stage_cfg: StageConfig) -> tor
 class WarmupCosine:
     """Learning-rate factor: linear warm-up over ``warmup_steps``, then cosine decay to zero.
 
-    A class rather than a closure so that the scheduler's state dict holds plain values.
+    It is a class rather than a closure, so the scheduler's state dict contains plain values.
     """
 
     def __init__(self, warmup_steps: int, total_steps: int) -> None:
@@ -133,7 +139,9 @@ def teacher_mask_logits(teacher: nn.Module, batch: SamBatch, prompts: Any) -> to
     from samclip.model.student import decode_masks
 
     with torch.no_grad():
-        prediction = decode_masks(teacher.prompt_encoder, teacher.mask_decoder, batch.teacher_embeddings, prompts)
+        prediction = decode_masks(
+            teacher.prompt_encoder, teacher.mask_decoder, batch.teacher_embeddings, prompts
+        )
     return prediction.logits
 
 

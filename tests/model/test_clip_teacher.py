@@ -174,3 +174,28 @@ def test_clip_input(tiny_clip: ClipTeacher):
     assert tensor.dtype == torch.float32
     with pytest.raises(ValueError, match="RGB"):
         clip_input(image[..., 0], tiny_clip)
+
+
+def test_pretrained_preprocessing_from_tag():
+    from samclip.model.clip_teacher import pretrained_preprocess_cfg
+
+    siglip = pretrained_preprocess_cfg("ViT-B-16-SigLIP", None)  # every tag uses mean 0.5
+    assert siglip["mean"] == pytest.approx([0.5, 0.5, 0.5])
+    assert siglip["std"] == pytest.approx([0.5, 0.5, 0.5])
+    datacomp = pretrained_preprocess_cfg("ViT-L-14", "datacomp_xl_s13b_b90k")
+    assert datacomp["mean"] == pytest.approx([0.48145466, 0.4578275, 0.40821073])
+    assert datacomp["resize_mode"] == "shortest"
+
+
+def test_pretrained_tags_disagreeing_warn(caplog):
+    from samclip.model.clip_teacher import pretrained_preprocess_cfg
+
+    with caplog.at_level(logging.WARNING, logger="samclip.model.clip_teacher"):
+        assert pretrained_preprocess_cfg("ViT-L-14", None) is None
+    assert "pretrained=" in caplog.text
+
+
+def test_unknown_pretrained_tag_rejected(tiny_clip_files):
+    model_name, weights_path, config_path = tiny_clip_files
+    with pytest.raises(ValueError, match="not an open_clip pretrained tag"):
+        load_clip_teacher(model_name, weights_path, config_path, pretrained="openai")

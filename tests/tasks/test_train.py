@@ -66,7 +66,10 @@ def batches(teacher):
     from samclip.model.prompts import sample_prompts
 
     generator = torch.Generator().manual_seed(2)
-    clip_batch = ClipBatch(images=torch.randn(2, 3, 64, 64, generator=generator), targets=torch.randn(2, EMBED_DIM, generator=generator))
+    clip_batch = ClipBatch(
+        images=torch.randn(2, 3, 64, 64, generator=generator),
+        targets=torch.randn(2, EMBED_DIM, generator=generator),
+    )
     sam_images = torch.randn(1, 3, 256, 256, generator=generator)
     with torch.no_grad():
         embeddings = teacher.image_encoder(sam_images)
@@ -155,7 +158,8 @@ def test_stage1_step_changes_only_head(student, batches):
     terms = accumulate_gradients(student, 1, cfg, clip_batch)
     norm = optimizer_step(optimizer, scheduler, cfg)
     assert set(terms) == {"clip_cosine", "loss"}
-    assert math.isfinite(norm) and norm > 0
+    assert math.isfinite(norm)
+    assert norm > 0
     after = student.state_dict()
     frozen = [name for name in after if not name.startswith("clip_head.")]
     assert all(torch.equal(after[name], before[name]) for name in frozen)
@@ -213,7 +217,7 @@ def write_stage_data(root: str, config, n_train: int = 4, n_val: int = 2, clip_d
     """Write images, a manifest and teacher features in the documented formats; returns StageData.
 
     The SAM features are the real SAM teacher's image-encoder embeddings, so a student whose SAM
-    parts equal the teacher's reproduces its masks; the CLIP features are random vectors.
+    parts equal the teacher's reproduces its masks. The CLIP features are random vectors.
     """
     import pyarrow as pa
     from PIL import Image
@@ -246,7 +250,8 @@ def write_stage_data(root: str, config, n_train: int = 4, n_val: int = 2, clip_d
 
     hashes = [row["hash"] for row in rows]
     clip_dir = storage.join(root, "features", "clip-test")
-    write_feature_shard(clip_dir, hashes, rng.standard_normal((len(rows), clip_dim)).astype(np.float16), "float16")
+    clip_features = rng.standard_normal((len(rows), clip_dim)).astype(np.float16)
+    write_feature_shard(clip_dir, hashes, clip_features, "float16")
     teacher = load_sam_teacher(ensure_teachers(config))
     inputs, _ = batch_sam_inputs(images, get_sam_arch(config.teachers.sam.variant).image_size)
     with torch.no_grad():
@@ -307,6 +312,23 @@ def test_stage1_run_writes_loadable_checkpoint(ray_cluster, stage_setup):
     assert storage.read_bytes(result.loss_curve_png_uri)[:4] == b"\x89PNG"
 
 
+def test_stage1_two_workers_agree(ray_cluster, stage_setup):
+    from samclip.tasks.checkpoints import load_train_state
+    from samclip.tasks.train import run_stage
+
+    config, data = stage_setup
+    config = config.model_copy(
+        update={"train": config.train.model_copy(update={"workers": 2, "cpus_per_worker": 0.5})}
+    )
+    stage_cfg = config.train.stage1.model_copy(update={"epochs": 2, "max_steps": None})
+    result = run_stage(config, 1, data, None, "stage1-two-workers", stage_config=stage_cfg)
+
+    # 4 train images over 2 workers in batches of 2: one step per epoch
+    assert load_train_state(result.checkpoint_uri)["step"] == 2
+    assert math.isfinite(result.metrics["val/clip_cosine"])
+    assert result.metrics["val/sam_iou"] > 0.9
+
+
 def test_stage1_rerun_reuses_result(ray_cluster, stage_setup):
     from samclip.tasks.train import run_stage
 
@@ -321,7 +343,8 @@ def test_stage1_rerun_reuses_result(ray_cluster, stage_setup):
 
 def test_stage2_resumes_from_own_checkpoint(ray_cluster, stage_setup):
     from samclip.tasks.checkpoints import load_train_state
-    from samclip.tasks.train import RESULT_FILE, read_metrics_jsonl, run_stage
+    from samclip.tasks.train import RESULT_FILE, run_stage
+    from samclip.tasks.train_metrics import read_metrics_jsonl
 
     config, data = stage_setup
     first_cfg = config.train.stage2.model_copy(update={"max_steps": 1})
