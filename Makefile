@@ -34,3 +34,7 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs
+
+# Ray Data precompute against a plain torch loop: images/s, peak memory, MFU (see the script).
+bench-precompute: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_precompute.py $(BENCH_ARGS)

@@ -125,6 +125,11 @@ class TrainConfig(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint; -1 retries forever
+    # forward-pass precision: auto is bf16 autocast on GPUs and float32 on CPUs
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # how Ray places the workers: PACK fills a node first, SPREAD puts them on different nodes
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    log_to_mlflow: bool = True  # rank 0 also sends metrics to registry.tracking_uri
     stage1: StageConfig = StageConfig(lr=8e-4)
     stage2: StageConfig = StageConfig(lr=4e-5)
     stage3: StageConfig = StageConfig(lr=8e-4, clip_resolution=256)
@@ -148,6 +153,40 @@ class SearchDim(Section):
         return self
 
 
+class AshaConfig(Section):
+    """ASHA early stopping: trials below the top 1/reduction_factor at a rung stop there."""
+
+    time_attr: str = "epoch"  # the training loop reports "epoch" (fractional between epochs) and "step"
+    grace_period: float = Field(1.0, gt=0)  # no trial stops before this much time_attr
+    reduction_factor: float = Field(2.0, gt=1)
+    # Rungs lie below max_t. None means the stage's epochs + 1, so that a trial is never cut
+    # at its last epoch before the trial's final report (ASHA stops any trial at max_t).
+    max_t: float | None = None
+
+
+class SelectionConfig(Section):
+    """How the sweep picks its winner among trials that finished with both objectives.
+
+    score: maximise clip_weight * clip_objective + sam_weight * sam_objective (the sweep's weights).
+    constraint: maximise ``objective`` among the trials with clip_objective >= min_clip and
+    sam_objective >= min_sam, e.g. the best CLIP objective with SAM IoU to the teacher >= 0.95.
+    """
+
+    mode: Literal["score", "constraint"] = "score"
+    objective: Literal["clip", "sam"] = "clip"  # what constraint mode maximises
+    min_clip: float | None = None
+    min_sam: float | None = None
+    # constraint mode when no trial meets the bounds: "error" fails the sweep, "score" falls
+    # back to the weighted score and records that in the winner
+    fallback: Literal["error", "score"] = "error"
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> "SelectionConfig":
+        if self.mode == "constraint" and self.min_clip is None and self.min_sam is None:
+            raise ValueError("sweep.selection.mode 'constraint' needs min_clip or min_sam")
+        return self
+
+
 class SweepConfig(Section):
     name: str = "stage2-sweep"
     num_samples: int = Field(4, ge=1)
@@ -157,11 +196,20 @@ class SweepConfig(Section):
             "lr_ratio": SearchDim(kind="loguniform", low=0.03, high=0.3),
         }
     )  # keys are StageConfig fields
+    # random: num_samples draws from the space; grid: every combination of each dimension's
+    # values (loguniform and uniform ranges become grid_points values, geometric or even), run
+    # num_samples times over
+    searcher: Literal["random", "grid"] = "random"
+    grid_points: int = Field(3, ge=2)
     scheduler: Literal["fifo", "asha"] = "fifo"
-    max_concurrent_trials: int | None = None  # None derives it from the cluster's CPUs
+    metric: str = "val/score"  # validation metric that ASHA compares; the loop reports val/*
+    mode: Literal["max", "min"] = "max"
+    asha: AshaConfig = AshaConfig()
+    max_concurrent_trials: int | None = None  # None derives it from the cluster's CPUs and GPUs
     cpus_per_trial_driver: float = 0.1
-    clip_weight: float = 1.0  # winner score = clip_weight * clip_objective + sam_weight * sam_objective
+    clip_weight: float = 1.0  # score = clip_weight * clip_objective + sam_weight * sam_objective
     sam_weight: float = 1.0
+    selection: SelectionConfig = SelectionConfig()
 
 
 class EvaluateConfig(Section):
@@ -169,6 +217,51 @@ class EvaluateConfig(Section):
     seg_resolution: int = Field(128, ge=16)  # side of the student's input for zero-shot segmentation
     prompts_per_image: int = Field(8, ge=1)  # prompts for SAM mask agreement on held-out images
     overlays: int = Field(4, ge=0)  # images drawn with overlays
+    # your own class-name templates, each with a "{c}" field; when set they replace `templates`
+    template_list: list[str] | None = None
+    # datasets in standard layouts (samclip.tasks.eval_datasets); each is evaluated when set
+    classification: str | None = None  # ImageFolder root, or a .parquet/.csv table of (image, label)
+    segmentation: str | None = None  # VOC-style root: JPEGImages/, SegmentationClass/, classes.txt
+    segmentation_split: str | None = None  # name of ImageSets/Segmentation/{split}.txt; None: every mask
+    instances: str | None = None  # COCO instances JSON
+    instance_images: str | None = None  # folder of the COCO images; None: "images" beside the JSON's folder
+    dataset_seg_resolution: int = Field(448, ge=16)  # zero-shot segmentation input side (448 in the paper)
+    background_threshold: float | None = Field(None, ge=0, le=1)  # below it a pixel is background
+    text_points: int = Field(3, ge=1)  # point prompts per class for text-prompted segmentation
+    max_images: int | None = Field(None, ge=1)  # per dataset, for quick runs
+    mlflow: bool = True  # log dataset evaluations to the registry's tracking URI
+
+
+class PromotionGates(Section):
+    """Conditions a new version must meet before it takes the champion alias.
+
+    Metric names are the evaluation's keys (``objective/clip``, ``objective/sam``, ...). A
+    missing metric fails its gate, so a renamed metric never promotes a model by accident.
+    """
+
+    # metric name -> lowest accepted value
+    min_values: dict[str, float] = Field(default_factory=dict)
+    # objectives compared with the current champion; higher is better for each
+    objectives: list[str] = Field(default_factory=lambda: ["objective/clip", "objective/sam"])
+    # largest accepted drop of an objective below the champion's value (absolute, same unit)
+    max_regression: float = Field(0.0, ge=0)
+
+
+class CompareConfig(Section):
+    """The paper's comparison on the same data: teachers, naive distillation, Wise-FT, SAM-CLIP."""
+
+    name: str = "compare"  # outputs go to {root}/compare/{name}-{settings digest}/
+    wise_ft_alphas: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75])  # weight of the distilled model
+    naive_stage: StageConfig | None = None  # naive distillation's settings; None: train.stage2's
+    datasets: bool = True  # also run the dataset evaluations that `evaluate` configures
+
+    @field_validator("wise_ft_alphas")
+    @classmethod
+    def _alphas_in_range(cls, values: list[float]) -> list[float]:
+        bad = [value for value in values if not 0.0 <= value <= 1.0]
+        if bad:
+            raise ValueError(f"compare.wise_ft_alphas must lie within [0, 1], got {bad}")
+        return values
 
 
 class RegisterConfig(Section):
@@ -176,7 +269,9 @@ class RegisterConfig(Section):
     artifact_root: str = "{root}/mlartifacts"
     experiment: str = "samclip"
     model_name: str = "samclip-smoke"
-    alias: str = "candidate"
+    alias: str = "candidate"  # every new version takes this alias
+    champion_alias: str = "champion"  # moved to a new version only when it passes the gates
+    gates: PromotionGates = PromotionGates()
 
 
 class PipelineConfig(Section):
@@ -192,6 +287,7 @@ class PipelineConfig(Section):
     train: TrainConfig = TrainConfig()
     sweep: SweepConfig = SweepConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compare: CompareConfig = CompareConfig()
     registry: RegisterConfig = RegisterConfig()
 
     def resolve_uri(self, template: str) -> str:

@@ -5,14 +5,17 @@ Ray Data reads and decode-checks every listed file in parallel, through the same
 decodes everywhere. The driver then makes every choice from content hashes only, so a rerun
 over the same files gives the same manifest whatever order the store lists them in:
 
-- duplicates: of files with equal bytes the lexicographically first URI stays;
+- duplicates: of files with equal bytes the lexicographically first URI stays (members of one
+  shard in their order in the shard);
 - sample: a file is kept when ``int(hash[:8], 16) / 2**32 < sample_fraction``;
 - split: a kept file is ``val`` when ``int(hash[8:16], 16) / 2**32 < val_fraction``, so the
   split does not depend on the sample;
 - limit: the kept files with the smallest hashes, which are a prefix of the sample order.
 
 Outputs under ``{root}/curate/``: ``manifest.parquet`` (hash, uri, width, height, split,
-label, source), ``rejects.parquet`` (uri, reason, detail) and ``summary.json``.
+label, source), ``rejects.parquet`` (uri, reason, detail) and ``summary.json``. A WebDataset
+source adds ``captions.parquet`` (hash, key, caption, url); an SA-1B source adds the masks of
+the accepted images under ``annotations/`` (see ``samclip.tasks.sources_sa1b``).
 """
 
 from __future__ import annotations
@@ -31,8 +34,14 @@ import numpy as np
 import pyarrow as pa
 
 from samclip.config import DataConfig, PipelineConfig
-from samclip.model.images import ImageRejected, decode_image
-from samclip.tasks import storage
+from samclip.tasks import sources_sa1b, sources_webdataset, storage
+from samclip.tasks.image_checks import (
+    CHECK_SCHEMA,
+    REASON_UNREADABLE,
+    check_image_bytes,
+    rows_to_table,
+    unreadable_row,
+)
 from samclip.tasks.ray_cluster import init_ray
 from samclip.tasks.sources import BUILTIN_SOURCE, materialise_builtin_photos
 
@@ -43,19 +52,8 @@ CHECK_BATCH_SIZE = 32  # files per Ray Data batch; decoding dominates, so batche
 MAX_BLOCKS = 1000
 PROGRESS_EVERY_S = 10.0
 REASON_DUPLICATE = "duplicate"
-REASON_UNREADABLE = "unreadable"
+SHARDS_PER_BATCH = 1  # WebDataset shards per Ray Data batch; a shard holds thousands of images
 
-CHECK_SCHEMA = pa.schema(
-    [
-        ("uri", pa.string()),
-        ("hash", pa.string()),
-        ("bytes", pa.int64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("reason", pa.string()),
-        ("detail", pa.string()),
-    ]
-)
 MANIFEST_SCHEMA = pa.schema(
     [
         ("hash", pa.string()),
@@ -68,6 +66,9 @@ MANIFEST_SCHEMA = pa.schema(
     ]
 )
 REJECTS_SCHEMA = pa.schema([("uri", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+CAPTIONS_SCHEMA = pa.schema(
+    [("hash", pa.string()), ("key", pa.string()), ("caption", pa.string()), ("url", pa.string())]
+)
 
 
 @dataclass
@@ -78,6 +79,9 @@ class CurateResult:
     rejects_uri: str
     summary_uri: str
     counts: dict[str, int] = field(default_factory=dict)
+    layout: str = "images"
+    captions_uri: str | None = None  # WebDataset sources only
+    annotations_uri: str | None = None  # SA-1B sources only: the folder of mask parts
 
 
 def curate(config: PipelineConfig) -> CurateResult:
@@ -87,7 +91,10 @@ def curate(config: PipelineConfig) -> CurateResult:
     storage.configure_endpoint(config.storage.endpoint_url)
 
     # list the source
+    layout = data.layout
+    download_status: dict[str, int] = {}
     if data.source == BUILTIN_SOURCE:
+        layout = "images"
         photos = materialise_builtin_photos(
             config.uri("data", "photos"), data.augment_crops, config.seed
         )
@@ -96,23 +103,30 @@ def curate(config: PipelineConfig) -> CurateResult:
         uris = list(labels)
         label_base = config.uri("data", "photos")
     else:
-        uris, skipped = list_images(data.source)
+        layout, uris, skipped = list_source(data.source, data.layout)
         logger.info(
-            "listed %d images under %s (%d other files skipped)", len(uris), data.source, skipped
+            "listed %d %s under %s (layout %s; %d other files skipped)",
+            len(uris), "shards" if layout == "webdataset" else "images", data.source, layout,
+            skipped,
         )
+        if layout == "webdataset":
+            download_status = sources_webdataset.download_status_counts(uris)
         labels = {}
         label_base = data.source
     if not uris:
         raise ValueError(
-            f"no images found under {data.source!r} (extensions {', '.join(IMAGE_EXTENSIONS)}); "
-            "set data.source to a folder or prefix that contains images"
+            f"no images found under {data.source!r} (extensions {', '.join(IMAGE_EXTENSIONS)}, "
+            f"or .tar shards); set data.source to a folder or prefix that contains images"
         )
-    if data.labels:
-        labels.update(_label_lookup(uris, read_labels(data.labels), label_base))
 
-    # decode-check every file with Ray Data
+    # decode-check every file (or every member of every shard) with Ray Data
     init_ray(config.ray)
-    checked = _check_images(uris, data, config.storage.endpoint_url)
+    annotations_dir = config.uri("curate", "annotations") if layout == "sa1b" else None
+    checked = _check_images(uris, data, config.storage.endpoint_url, layout, annotations_dir)
+    if data.labels:
+        labels.update(
+            _label_lookup([row["uri"] for row in checked], read_labels(data.labels), label_base)
+        )
 
     # decide on the driver, from hashes only
     accepted, rejects = _split_rejects(checked)
@@ -139,14 +153,31 @@ def curate(config: PipelineConfig) -> CurateResult:
     # write the outputs
     seconds = time.perf_counter() - started
     sampled_out = len(unique) - len(sampled)
-    counts = _counts(len(uris), manifest_rows, rejects, sampled_out, len(sampled) - len(limited))
+    listed = len(checked)  # image files, or image members of shards plus unreadable shards
+    counts = _counts(listed, manifest_rows, rejects, sampled_out, len(sampled) - len(limited))
     summary = _summary(config, counts, manifest_rows, limited, seconds)
+    summary["layout"] = layout
+    if download_status:
+        summary["download_status"] = download_status
     result = CurateResult(
         manifest_uri=config.uri("curate", "manifest.parquet"),
         rejects_uri=config.uri("curate", "rejects.parquet"),
         summary_uri=config.uri("curate", "summary.json"),
         counts=counts,
+        layout=layout,
+        annotations_uri=annotations_dir,
     )
+    if layout == "webdataset":
+        result.captions_uri = config.uri("curate", "captions.parquet")
+        captions = [
+            {"hash": row["hash"], "key": row["key"], "caption": row["caption"], "url": row["url"]}
+            for row in limited
+        ]
+        storage.write_parquet(
+            pa.Table.from_pylist(captions, schema=CAPTIONS_SCHEMA), result.captions_uri
+        )
+    if annotations_dir is not None:
+        summary["annotations"] = int(sum(row["annotations"] or 0 for row in limited))
     manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA)
     storage.write_parquet(manifest, result.manifest_uri)
     storage.write_parquet(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), result.rejects_uri)
@@ -164,6 +195,28 @@ def list_images(source: str) -> tuple[list[str], int]:
     files = storage.list_files(source)
     images = [uri for uri in files if uri.lower().endswith(IMAGE_EXTENSIONS)]
     return images, len(files) - len(images)
+
+
+def list_source(source: str, layout: str = "auto") -> tuple[str, list[str], int]:
+    """List what curation checks under a source: (layout, URIs, other files skipped).
+
+    The URIs are image files for the ``images`` and ``sa1b`` layouts, and tar shards for
+    ``webdataset``. ``auto`` picks webdataset when the source holds .tar files, sa1b when every
+    JPEG has a JSON of the same name beside it, and images otherwise.
+    """
+    files = storage.list_files(source)
+    shards = [uri for uri in files if uri.endswith(sources_webdataset.SHARD_SUFFIX)]
+    if layout == "auto":
+        if shards:
+            layout = "webdataset"
+        elif sources_sa1b.is_sa1b_layout(files):
+            layout = "sa1b"
+        else:
+            layout = "images"
+    if layout == "webdataset":
+        return layout, shards, len(files) - len(shards)
+    images = [uri for uri in files if uri.lower().endswith(IMAGE_EXTENSIONS)]
+    return layout, images, len(files) - len(images)
 
 
 def read_labels(uri: str) -> dict[str, str]:
@@ -209,47 +262,47 @@ def check_batch(
 ) -> pa.Table:
     """Read, hash and decode-check each URI of a batch; one row per file (Ray Data UDF)."""
     storage.configure_endpoint(endpoint_url)
-    rows: dict[str, list[Any]] = {name: [] for name in CHECK_SCHEMA.names}
+    limits = {"max_pixels": max_pixels, "min_side": min_side, "max_aspect": max_aspect}
+    rows: list[dict[str, Any]] = []
     for uri in batch.column("uri").to_pylist():
-        digest, size, width, height, reason, detail = None, None, None, None, None, None
         try:
             data = storage.read_bytes(uri)
         except OSError as error:
-            reason, detail = REASON_UNREADABLE, f"{type(error).__name__}: {error}"
+            rows.append(unreadable_row(uri, error, REASON_UNREADABLE))
         else:
-            digest, size = hashlib.sha256(data).hexdigest(), len(data)
-            try:
-                image = decode_image(
-                    data, max_pixels=max_pixels, min_side=min_side, max_aspect=max_aspect
-                )
-            except ImageRejected as rejected:
-                reason, detail = rejected.reason, rejected.detail
-            else:
-                height, width = image.shape[:2]
-        for name, value in zip(
-            CHECK_SCHEMA.names, (uri, digest, size, width, height, reason, detail), strict=True
-        ):
-            rows[name].append(value)
-    return pa.table(rows, schema=CHECK_SCHEMA)
+            rows.append(check_image_bytes(uri, data, limits))
+    return rows_to_table(rows)
 
 
 def _check_images(
-    uris: list[str], data: DataConfig, endpoint_url: str | None
+    uris: list[str],
+    data: DataConfig,
+    endpoint_url: str | None,
+    layout: str = "images",
+    annotations_dir: str | None = None,
 ) -> list[dict[str, Any]]:
     import ray
 
-    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(uris) / CHECK_BATCH_SIZE)))
+    limits = {"max_pixels": data.max_pixels, "min_side": data.min_side, "max_aspect": data.max_aspect}
+    per_batch = SHARDS_PER_BATCH if layout == "webdataset" else CHECK_BATCH_SIZE
+    blocks = max(1, min(MAX_BLOCKS, math.ceil(len(uris) / per_batch)))
     dataset = ray.data.from_items([{"uri": uri} for uri in uris], override_num_blocks=blocks)
+    if layout == "webdataset":
+        udf, kwargs = sources_webdataset.check_shard_batch, {
+            "decode_limits": limits, "image_extensions": IMAGE_EXTENSIONS,
+        }
+    elif layout == "sa1b":
+        udf, kwargs = sources_sa1b.check_sa1b_batch, {
+            "decode_limits": limits, "annotations_dir": annotations_dir,
+        }
+    else:
+        udf, kwargs = check_batch, dict(limits)
     dataset = dataset.map_batches(
-        check_batch,
+        udf,
         batch_format="pyarrow",
-        batch_size=CHECK_BATCH_SIZE,
-        fn_kwargs={
-            "max_pixels": data.max_pixels,
-            "min_side": data.min_side,
-            "max_aspect": data.max_aspect,
-            "endpoint_url": endpoint_url,
-        },
+        batch_size=per_batch,
+        fn_kwargs={**kwargs, "endpoint_url": endpoint_url},
+        **storage.ray_remote_args(),
     )
 
     started = last_log = time.perf_counter()
@@ -268,7 +321,7 @@ def _check_images(
         "checked %d images in %.1f s (%.1f images/s)",
         len(rows), elapsed, len(rows) / max(elapsed, 1e-9),
     )
-    if len(rows) != len(uris):
+    if layout != "webdataset" and len(rows) != len(uris):
         raise RuntimeError(f"decode check returned {len(rows)} rows for {len(uris)} files")
     return rows
 
@@ -285,9 +338,9 @@ def _split_rejects(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], li
 
 
 def _deduplicate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Keep the lexicographically first URI of each hash; the others become rejects."""
+    """Keep the first URI of each hash (see ``_uri_order``); the others become rejects."""
     first: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda row: row["uri"]):
+    for row in sorted(rows, key=lambda row: _uri_order(row["uri"])):
         first.setdefault(row["hash"], row)
     duplicates = [
         {
@@ -299,6 +352,15 @@ def _deduplicate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
         if first[row["hash"]] is not row
     ]
     return list(first.values()), duplicates
+
+
+def _uri_order(uri: str) -> tuple[str, int, str]:
+    """Order files by URI, and members of one archive by their position in it."""
+    member = storage.parse_member_uri(uri)
+    if member is None:
+        return (uri, 0, "")
+    archive, offset, _, name = member
+    return (archive, offset, name)
 
 
 def _fraction(digest: str, start: int, stop: int) -> float:

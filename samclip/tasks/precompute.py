@@ -250,6 +250,7 @@ def _run_teacher(
         num_cpus=settings.cpus_per_actor,
         batch_size=settings.batch_size,
         batch_format="pyarrow",
+        **storage.ray_remote_args(),
     )
     dataset = dataset.map_batches(
         write_shard,
@@ -257,6 +258,7 @@ def _run_teacher(
         batch_size=settings.rows_per_shard,
         batch_format="pyarrow",
         num_cpus=WRITER_CPUS,
+        **storage.ray_remote_args(),
     )
 
     started = last_log = time.perf_counter()

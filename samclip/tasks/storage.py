@@ -11,8 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import uuid
+from urllib.parse import quote, unquote
 from functools import lru_cache
 from typing import Any
 
@@ -22,6 +24,25 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TMP_PREFIX = ".tmp-"
+
+# A member of an archive (a WebDataset tar shard) is addressed as a byte range of the archive:
+# ``{archive_uri}#offset={first byte}&size={bytes}&member={percent-encoded name}``. A reader
+# fetches exactly those bytes with one ranged read, without listing the archive again.
+MEMBER_PATTERN = re.compile(
+    r"^(?P<archive>.+)#offset=(?P<offset>\d+)&size=(?P<size>\d+)&member=(?P<member>.+)$"
+)
+
+# Variables that configure S3 access. A step copies them into its Ray workers' environment,
+# because workers of an already running cluster do not see the driver's later changes.
+S3_ENV_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EC2_METADATA_DISABLED",
+    "SAMCLIP_S3_ENDPOINT_URL",
+)
 
 
 def storage_options(uri: str, endpoint_url: str | None = None) -> dict[str, Any]:
@@ -45,6 +66,61 @@ def configure_endpoint(endpoint_url: str | None) -> None:
     """
     if endpoint_url:
         os.environ["SAMCLIP_S3_ENDPOINT_URL"] = endpoint_url
+    if os.environ.get("SAMCLIP_S3_ENDPOINT_URL"):
+        # With a configured endpoint every request must go there. botocore's credential chain
+        # would otherwise ask the EC2 instance-metadata address when no key is set.
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def worker_environment() -> dict[str, str]:
+    """Return the S3 settings of this process, to pass to Ray workers as ``runtime_env``.
+
+    Only variables that are set are returned; an empty dict means the workers keep their own.
+    """
+    return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
+
+
+def ray_remote_args() -> dict[str, Any]:
+    """Return Ray remote arguments that give a worker this process's S3 settings."""
+    env = worker_environment()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def pyarrow_s3_filesystem(endpoint_url: str | None = None) -> pafs.S3FileSystem:
+    """Return pyarrow's native S3 filesystem for the configured endpoint and AWS_* credentials.
+
+    Use this where a reader needs pyarrow's own S3 client (Ray Data's ``filesystem=``, Ray
+    Train's ``storage_filesystem``); ``pyarrow_filesystem`` wraps s3fs instead.
+    """
+    endpoint = endpoint_url or os.environ.get("SAMCLIP_S3_ENDPOINT_URL")
+    kwargs: dict[str, Any] = {
+        "access_key": os.environ.get("AWS_ACCESS_KEY_ID"),
+        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY"),
+        "session_token": os.environ.get("AWS_SESSION_TOKEN"),
+        # An explicit region keeps the AWS SDK from looking it up on the metadata service.
+        "region": (
+            os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        ),
+    }
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme or "https")
+    return pafs.S3FileSystem(**{key: value for key, value in kwargs.items() if value is not None})
+
+
+def member_uri(archive_uri: str, offset: int, size: int, member: str) -> str:
+    """Address ``size`` bytes at ``offset`` of an archive, named ``member``, as one URI."""
+    return f"{archive_uri}#offset={int(offset)}&size={int(size)}&member={quote(member, safe='/')}"
+
+
+def parse_member_uri(uri: str) -> tuple[str, int, int, str] | None:
+    """Return (archive URI, offset, size, member name) of a member URI, or None for other URIs."""
+    match = MEMBER_PATTERN.match(uri)
+    if match is None:
+        return None
+    return (
+        match["archive"], int(match["offset"]), int(match["size"]), unquote(match["member"])
+    )
 
 
 @lru_cache(maxsize=16)
@@ -110,6 +186,18 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def read_bytes(uri: str) -> bytes:
+    """Read a whole file, or the byte range that a member URI (``member_uri``) addresses."""
+    member = parse_member_uri(uri)
+    if member is not None:
+        archive, offset, size, name = member
+        fs, path = filesystem(archive)
+        data = fs.cat_file(path, start=offset, end=offset + size)
+        if len(data) != size:
+            raise OSError(
+                f"member {name} of {archive}: read {len(data)} bytes at offset {offset}, "
+                f"expected {size}; the archive is shorter than when it was listed"
+            )
+        return data
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as handle:
         return handle.read()
