@@ -29,6 +29,11 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
+# Stage-2 speed through Ray Train against a plain torch loop; the last line is machine-readable.
+.PHONY: bench-train
+bench-train: $(STAMP)
+	$(VENV)/bin/python benchmarks/bench_train.py
+
 lint: $(STAMP)
 	$(VENV)/bin/python -m ruff check samclip tests || true
 
@@ -38,3 +43,9 @@ clean:
 # Ray Data precompute against a plain torch loop: images/s, peak memory, MFU (see the script).
 bench-precompute: $(STAMP)
 	$(VENV)/bin/python benchmarks/bench_precompute.py $(BENCH_ARGS)
+
+# Create or update the deployments of prefect.yaml on the server at PREFECT_API_URL.
+.PHONY: deploy
+deploy: $(STAMP)
+	@test -n "$$PREFECT_API_URL" || { echo "set PREFECT_API_URL to your Prefect server's API, e.g. http://127.0.0.1:4200/api"; exit 2; }
+	$(VENV)/bin/prefect --no-prompt deploy --all

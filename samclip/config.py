@@ -179,6 +179,9 @@ class SelectionConfig(Section):
     # constraint mode when no trial meets the bounds: "error" fails the sweep, "score" falls
     # back to the weighted score and records that in the winner
     fallback: Literal["error", "score"] = "error"
+    # also consider trials that ASHA stopped early, at their last checkpoint; they trained less,
+    # so they tend to keep more of SAM and would otherwise win constraints on it by default
+    include_stopped: bool = False
 
     @model_validator(mode="after")
     def _check_bounds(self) -> "SelectionConfig":
@@ -207,6 +210,9 @@ class SweepConfig(Section):
     asha: AshaConfig = AshaConfig()
     max_concurrent_trials: int | None = None  # None derives it from the cluster's CPUs and GPUs
     cpus_per_trial_driver: float = 0.1
+    # CPUs kept free for the trials' Ray Data tasks (1 CPU each by default) when concurrency is
+    # derived from the cluster; with none free, running trials wait for their data forever
+    reserved_cpus: float = Field(1.0, ge=0)
     clip_weight: float = 1.0  # score = clip_weight * clip_objective + sam_weight * sam_objective
     sam_weight: float = 1.0
     selection: SelectionConfig = SelectionConfig()

@@ -1,17 +1,20 @@
 """Training stages 1-3 as Ray Train jobs: the driver side.
 
-``run_stage`` joins the manifest with the teacher features, starts a ``TorchTrainer`` whose
-workers run ``train_loop.train_loop_per_worker``, and returns the final checkpoint with the
-stage's metrics. Runs live under ``{train root}/{run_name}/``: Ray Train's checkpoints,
+``run_stage`` indexes the manifest and the teacher feature shards, starts a ``TorchTrainer``
+whose workers run ``train_loop.train_loop_per_worker``, and returns the final checkpoint with
+the stage's metrics. Runs live under ``{train root}/{run_name}/``: Ray Train's checkpoints,
 ``metrics.jsonl``, ``loss_curve.png`` and ``result.json``. A run name that already has a
 ``result.json`` returns that result without training again. A run name without one resumes
-from its last checkpoint, because Ray Train restores a run by name.
+from its last checkpoint, because Ray Train restores a run by name: this is how a rerun after
+a killed driver continues. Worker failures restart the worker group from the last checkpoint
+up to ``train.max_failures`` times.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -21,6 +24,7 @@ from samclip.tasks import storage
 from samclip.tasks.train_data import StageData, StageTables, build_stage_tables
 from samclip.tasks.train_loop import LoopSettings, train_loop_per_worker
 from samclip.tasks.train_metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
+from samclip.tasks.train_state import TEST_ENV_VARS
 from samclip.tasks.train_steps import check_stage
 
 logger = logging.getLogger(__name__)
@@ -69,9 +73,9 @@ def run_stage(
     """
     import ray.data
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
-    from samclip.tasks.ray_cluster import init_ray
+    from samclip.tasks.ray_cluster import init_ray, loopback_environment
     from samclip.tasks.teachers import ensure_teachers
 
     started = time.perf_counter()
@@ -91,23 +95,30 @@ def run_stage(
     tables = build_stage_tables(data, stage)
     teacher_files = ensure_teachers(config)
     settings = _loop_settings(config, stage, stage_cfg, tables, init_checkpoint, run_uri, teacher_files)
+    settings.mlflow = _mlflow_settings(config, run_name)
     logger.info(
         "stage %d run %s: images %s, %d steps",
         stage, run_name, ", ".join(f"{k} {v}" for k, v in tables.counts.items()), settings.total_steps,
     )
 
-    # the trainer
-    filesystem, path = storage.pyarrow_filesystem(root, config.storage.endpoint_url)
+    # the trainer; the datasets hold only the index, the workers read images and features
+    filesystem, path = _train_storage(root, config.storage.endpoint_url)
     datasets = {"train": ray.data.from_arrow(tables.train), "val": ray.data.from_arrow(tables.val)}
     if tables.train_sam is not None:
         datasets["train_sam"] = ray.data.from_arrow(tables.train_sam)
+    # The workers of a running cluster do not see this process's later environment changes:
+    # they get the S3 settings, the loopback settings and the test failure hook explicitly.
+    worker_env = {**loopback_environment(), **storage.worker_environment()}
+    worker_env.update({name: os.environ[name] for name in TEST_ENV_VARS if os.environ.get(name)})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"settings": settings},
+        torch_config=TorchConfig(backend="nccl" if config.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.workers,
             use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker},
+            placement_strategy=config.train.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -116,8 +127,10 @@ def run_stage(
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            worker_runtime_env={"env_vars": worker_env},
         ),
         datasets=datasets,
+        dataset_config=_ordered_data_config(),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -146,6 +159,60 @@ def run_stage(
     return stage_result
 
 
+def _train_storage(root: str, endpoint_url: str | None) -> tuple[Any, str]:
+    """Return Ray Train's storage filesystem and path for the train root.
+
+    Object stores get pyarrow's own S3 client with the credentials of this process, because Ray
+    Train's controller reads and writes checkpoints through it in a process that does not see
+    this one's environment.
+    """
+    if root.startswith("s3://"):
+        return storage.pyarrow_s3_filesystem(endpoint_url), root[len("s3://"):].rstrip("/")
+    return storage.pyarrow_filesystem(root, endpoint_url)
+
+
+def _ordered_data_config() -> Any:
+    """Return a Ray Train DataConfig whose shards keep the index order (shuffled per worker).
+
+    Without preserve_order, Ray Data may hand out blocks in the order they finish, and a
+    resumed run would skip a different set of batches than the one it trained on.
+    """
+    import copy
+
+    import ray.train
+    from ray.data import DataContext
+
+    options = copy.deepcopy(DataContext.get_current().execution_options)
+    options.preserve_order = True
+    return ray.train.DataConfig(execution_options=options)
+
+
+def _mlflow_settings(config: PipelineConfig, run_name: str) -> dict[str, Any] | None:
+    """Return where rank 0 logs metrics in MLflow, or None when MLflow logging is off."""
+    if not config.train.log_to_mlflow:
+        return None
+    uri = config.resolve_uri(config.registry.tracking_uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if "://" in path:
+            logger.warning(
+                "metrics go to metrics.jsonl only: MLflow tracking URI %s puts SQLite on an object "
+                "store; set registry.tracking_uri to a server or a local file", uri,
+            )
+            return None
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        uri = "sqlite:///" + os.path.abspath(path)
+    location = config.resolve_uri(config.registry.artifact_root)
+    if "://" not in location:
+        location = "file://" + os.path.abspath(location)
+    return {
+        "tracking_uri": uri,
+        "experiment": config.registry.experiment,
+        "artifact_location": location,
+        "run_name": run_name,
+    }
+
+
 def _loop_settings(
     config: PipelineConfig,
     stage: int,
@@ -171,7 +238,8 @@ def _loop_settings(
     student = config.student
     # the config written into each checkpoint shows the stage settings this run really used
     resolved = config.model_copy(deep=True)
-    setattr(resolved.train, f"stage{stage}", stage_cfg)
+    if hasattr(resolved.train, f"stage{stage}"):  # naive distillation (stage 4) has no section
+        setattr(resolved.train, f"stage{stage}", stage_cfg)
     return LoopSettings(
         stage=stage,
         stage_config=stage_cfg.model_dump(mode="json"),
@@ -196,7 +264,14 @@ def _loop_settings(
         endpoint_url=config.storage.endpoint_url,
         score_weights=(config.sweep.clip_weight, config.sweep.sam_weight),
         torch_threads=max(1, int(config.train.cpus_per_worker)),
+        precision=_precision(config),
     )
+
+
+def _precision(config: PipelineConfig) -> str:
+    if config.train.precision == "auto":
+        return "bf16" if config.train.use_gpu else "fp32"
+    return config.train.precision
 
 
 def uri_from_storage_path(root_uri: str, storage_path: str) -> str:

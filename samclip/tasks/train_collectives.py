@@ -6,6 +6,7 @@ Every function is a no-op for a single worker, so the loop calls them unconditio
 from __future__ import annotations
 
 import torch
+import torch.distributed
 
 VAL_SUM_KEYS = (
     "clip_cosine", "clip_count", "sam_focal", "sam_dice", "sam", "sam_count", "sam_iou", "mask_count"
@@ -45,3 +46,12 @@ def all_reduce_sums(totals: dict[str, float], world: int) -> dict[str, float]:
     values = torch.tensor([totals.get(name, 0.0) for name in VAL_SUM_KEYS], dtype=torch.float64)
     torch.distributed.all_reduce(values)
     return dict(zip(VAL_SUM_KEYS, values.tolist()))
+
+
+def gather_objects(value: object, world: int) -> list[object]:
+    """Return every worker's ``value`` (picklable), in rank order, on every worker."""
+    if world == 1:
+        return [value]
+    gathered: list[object] = [None] * world
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

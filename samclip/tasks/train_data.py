@@ -1,13 +1,20 @@
-"""Training data: the driver's join of manifest and teacher features, and the workers' batches.
+"""Training data: the driver's index of manifest rows and feature shards, and the workers' batches.
 
-The driver joins the curation manifest with the precomputed teacher features into Arrow tables
-whose rows hold ``hash``, ``uri`` and the raw feature bytes (``clip``, and ``sam`` where the SAM
-teacher's embedding exists). Ray Data ships them to the workers, which read and decode each
-image, build the student's inputs and turn the bytes back into arrays.
+Only an index goes through the driver and Ray's object store: one row per image with ``hash``,
+``uri`` and the number of the feature shard that contains its CLIP (``clip_shard``) and SAM
+(``sam_shard``, -1 where none exists) teacher embedding. The driver reads just the ``hash``
+column of each shard to build it. Ray Data streams the index to the workers
+(``get_dataset_shard``), and each worker reads the images and looks the embeddings up in the
+shard files itself (``FeatureLookup``), so the feature bytes never pass through the driver.
+
+NOTE: the index itself is built in the driver's memory and placed in the object store, at
+roughly 150 bytes per image (an estimate: two hex hashes' worth of strings plus two int32), so
+tens of millions of images need a driver with several GB of memory.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +23,10 @@ import torch
 
 from samclip.tasks import storage
 from samclip.tasks.train_steps import ClipBatch, SamBatch
+
+# Decoded shards each worker keeps per feature folder. The index is sorted by shard, so the
+# rows of one local-shuffle window come from a few neighbouring shards.
+CACHED_SHARDS = 4
 
 
 @dataclass(frozen=True)
@@ -29,21 +40,16 @@ class StageData:
 
 @dataclass(frozen=True)
 class FeatureSpec:
-    """dtype and per-row shape of one feature column's raw bytes."""
+    """The dtype and per-row shape of one teacher's embeddings, and the shards that contain them."""
 
     dtype: str
     shape: tuple[int, ...]
-
-    def decode(self, rows: np.ndarray) -> torch.Tensor:
-        """Turn an object array of raw little-endian bytes into a float32 (N, *shape) tensor."""
-        stored = np.dtype(self.dtype).newbyteorder("<")
-        arrays = [np.frombuffer(row, dtype=stored).reshape(self.shape) for row in rows]
-        return torch.from_numpy(np.stack(arrays).astype(np.float32))
+    shards: tuple[str, ...] = ()  # shard URIs; the index's ``clip_shard``/``sam_shard`` count into it
 
 
 @dataclass
 class StageTables:
-    """Rows for one stage: ``train`` (CLIP batches), ``train_sam`` (SAM batches), ``val``."""
+    """Index rows for one stage: ``train`` (CLIP batches), ``train_sam`` (SAM batches), ``val``."""
 
     train: pa.Table
     val: pa.Table
@@ -54,18 +60,12 @@ class StageTables:
 
 
 def build_stage_tables(data: StageData, stage: int) -> StageTables:
-    """Join the manifest's train and val rows with their teacher features.
+    """Build the stage's index from the manifest's train and val rows and the feature shards.
 
     Every manifest row needs a CLIP feature (KeyError otherwise, naming the first missing
     hash). SAM features may cover a subset: SAM batches and val/sam metrics use the rows that
     have one. Stage 2 raises ValueError when no train row has a SAM feature.
-
-    NOTE: the join keeps every selected feature in the driver's memory and Ray's object store.
-    A ViT-B SAM embedding (256 x 64 x 64 float16) is 2 MiB, so stage 2 at that size fits only a
-    few thousand images this way; larger runs need a Ray Data join that streams the shards.
     """
-    from samclip.tasks.features import read_feature_hashes, read_features
-
     manifest = storage.read_parquet(data.manifest_uri, columns=["hash", "uri", "split"]).to_pylist()
     manifest.sort(key=lambda row: row["hash"])
     train_rows = [row for row in manifest if row["split"] == "train"]
@@ -75,30 +75,31 @@ def build_stage_tables(data: StageData, stage: int) -> StageTables:
             f"manifest {data.manifest_uri} has no rows with split 'train': curate more images"
         )
 
-    clip = read_features(data.clip_features_dir, [row["hash"] for row in manifest])
-    clip_spec = _spec(clip, data.clip_features_dir)
-    sam: dict[str, np.ndarray] = {}
-    sam_spec = None
+    clip_spec, clip_shard_of = _shard_index(data.clip_features_dir)
+    missing = [row["hash"] for row in manifest if row["hash"] not in clip_shard_of]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} of {len(manifest)} manifest hashes are not in {data.clip_features_dir} "
+            f"(first: {missing[0]}); run precompute on the manifest that lists them"
+        )
+    sam_spec, sam_shard_of = None, {}
     if data.sam_features_dir is not None:
-        present = read_feature_hashes(data.sam_features_dir)
-        wanted = [row["hash"] for row in manifest if row["hash"] in present]
-        sam = read_features(data.sam_features_dir, wanted)
-        sam_spec = _spec(sam, data.sam_features_dir) if sam else None
+        sam_spec, sam_shard_of = _shard_index(data.sam_features_dir)
 
-    train = _table(train_rows, clip, None)
-    train_sam = None
-    sam_train_rows = [row for row in train_rows if row["hash"] in sam]
-    if stage == 2:
-        if not sam_train_rows:
-            raise ValueError(
-                f"stage 2 needs SAM teacher features, but none of the {len(train_rows)} train images "
-                f"has one in {data.sam_features_dir}: run precompute for the SAM teacher"
-            )
-        train_sam = _table(sam_train_rows, None, sam)
-    sam_val_rows = [row for row in val_rows if row["hash"] in sam]
-    # val rows carry SAM bytes only when every one has them, so each val batch is complete
-    val_with_sam = bool(val_rows) and len(sam_val_rows) == len(val_rows)
-    val = _table(val_rows, clip, sam if val_with_sam else None)
+    sam_train_rows = [row for row in train_rows if row["hash"] in sam_shard_of]
+    if stage == 2 and not sam_train_rows:
+        raise ValueError(
+            f"stage 2 needs SAM teacher features, but none of the {len(train_rows)} train images "
+            f"has one in {data.sam_features_dir}: run precompute for the SAM teacher"
+        )
+    # val rows carry SAM shards only when every one has them, so each val batch is complete
+    val_with_sam = bool(val_rows) and all(row["hash"] in sam_shard_of for row in val_rows)
+
+    train = _index_table(train_rows, clip_shard_of, sam_shard_of, sort_by="clip_shard")
+    train_sam = (
+        _index_table(sam_train_rows, clip_shard_of, sam_shard_of, sort_by="sam_shard") if stage == 2 else None
+    )
+    val = _index_table(val_rows, clip_shard_of, sam_shard_of if val_with_sam else {}, sort_by="clip_shard")
     counts = {
         "train": len(train_rows),
         "train_sam": len(sam_train_rows) if stage == 2 else 0,
@@ -108,29 +109,70 @@ def build_stage_tables(data: StageData, stage: int) -> StageTables:
     return StageTables(train, val, train_sam, clip_spec, sam_spec, counts)
 
 
-def _spec(features: dict[str, np.ndarray], source: str) -> FeatureSpec:
-    first = next(iter(features.values()), None)
-    if first is None:
-        raise ValueError(f"no features found in {source}: run precompute first")
-    return FeatureSpec(dtype=str(first.dtype), shape=tuple(int(s) for s in first.shape))
+def _shard_index(uri_dir: str) -> tuple[FeatureSpec | None, dict[str, int]]:
+    """Read only the hash column of each shard: (spec with the shard list, hash -> shard number)."""
+    from samclip.tasks.features import _check_layout, list_shards
+
+    shards = list_shards(uri_dir)
+    layout = None
+    shard_of: dict[str, int] = {}
+    for number, uri in enumerate(shards):
+        table = storage.read_parquet(uri, columns=["hash"])
+        layout = _check_layout(uri, table.schema, layout)
+        for key in table.column("hash").to_pylist():
+            shard_of.setdefault(key, number)
+    if layout is None:
+        return None, {}
+    return FeatureSpec(layout.dtype, tuple(layout.shape), tuple(shards)), shard_of
 
 
-def _table(
-    rows: list[dict], clip: dict[str, np.ndarray] | None, sam: dict[str, np.ndarray] | None
+def _index_table(
+    rows: list[dict], clip_shard_of: dict[str, int], sam_shard_of: dict[str, int], sort_by: str
 ) -> pa.Table:
-    columns: dict[str, pa.Array] = {
+    table = pa.table({
         "hash": pa.array([row["hash"] for row in rows], pa.string()),
         "uri": pa.array([row["uri"] for row in rows], pa.string()),
-    }
-    for name, features in (("clip", clip), ("sam", sam)):
-        if features is not None:
-            raw = [_little_endian_bytes(features[row["hash"]]) for row in rows]
-            columns[name] = pa.array(raw, pa.binary())
-    return pa.table(columns)
+        "clip_shard": pa.array([clip_shard_of[row["hash"]] for row in rows], pa.int32()),
+        "sam_shard": pa.array([sam_shard_of.get(row["hash"], -1) for row in rows], pa.int32()),
+    })
+    return table.sort_by([(sort_by, "ascending"), ("hash", "ascending")])
 
 
-def _little_endian_bytes(array: np.ndarray) -> bytes:
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+class FeatureLookup:
+    """Look teacher embeddings up by hash in the shard files, keeping a few decoded shards."""
+
+    def __init__(self, spec: FeatureSpec, cached_shards: int = CACHED_SHARDS) -> None:
+        self.spec = spec
+        self.cached_shards = cached_shards
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self.shard_reads = 0  # shard files read so far, for tests and tuning
+
+    def get(self, hashes: np.ndarray, shard_numbers: np.ndarray) -> torch.Tensor:
+        """Return the embeddings of ``hashes`` as one float32 (N, *shape) tensor, in their order."""
+        arrays = []
+        for key, number in zip(hashes, shard_numbers):
+            number = int(number)
+            if number < 0:
+                raise KeyError(f"image {key} has no feature in this teacher's shards")
+            arrays.append(self._shard(number)[str(key)])
+        return torch.from_numpy(np.stack(arrays).astype(np.float32))
+
+    def _shard(self, number: int) -> dict[str, np.ndarray]:
+        from samclip.tasks.features import FeatureLayout, decode_embeddings
+
+        if number in self._cache:
+            self._cache.move_to_end(number)
+            return self._cache[number]
+        uri = self.spec.shards[number]
+        table = storage.read_parquet(uri)
+        layout = FeatureLayout(self.spec.dtype, self.spec.shape)
+        arrays = decode_embeddings(table.column("embedding"), layout, f"feature shard {uri}")
+        rows = dict(zip(table.column("hash").to_pylist(), arrays))
+        self.shard_reads += 1
+        self._cache[number] = rows
+        if len(self._cache) > self.cached_shards:
+            self._cache.popitem(last=False)
+        return rows
 
 
 def load_images(uris: np.ndarray, max_pixels: int) -> list[np.ndarray]:
@@ -141,22 +183,23 @@ def load_images(uris: np.ndarray, max_pixels: int) -> list[np.ndarray]:
 
 
 def make_clip_batch(
-    rows: dict[str, np.ndarray], spec: FeatureSpec, resolution: int, max_pixels: int
+    rows: dict[str, np.ndarray], features: FeatureLookup, resolution: int, max_pixels: int
 ) -> ClipBatch:
     from samclip.model.images import batch_student_clip_inputs
 
     images = load_images(rows["uri"], max_pixels)
     inputs = batch_student_clip_inputs(images, resolution)
-    return ClipBatch(images=inputs, targets=spec.decode(rows["clip"]))
+    return ClipBatch(images=inputs, targets=features.get(rows["hash"], rows["clip_shard"]))
 
 
 def make_sam_batch(
-    rows: dict[str, np.ndarray], spec: FeatureSpec, resolution: int, max_pixels: int
+    rows: dict[str, np.ndarray], features: FeatureLookup, resolution: int, max_pixels: int
 ) -> SamBatch:
     from samclip.model.images import batch_sam_inputs
 
     images, valid_hw = batch_sam_inputs(load_images(rows["uri"], max_pixels), resolution)
-    return SamBatch(images=images, valid_hw=valid_hw, teacher_embeddings=spec.decode(rows["sam"]))
+    embeddings = features.get(rows["hash"], rows["sam_shard"])
+    return SamBatch(images=images, valid_hw=valid_hw, teacher_embeddings=embeddings)
 
 
 def slice_rows(rows: dict[str, np.ndarray], start: int, stop: int) -> dict[str, np.ndarray]:

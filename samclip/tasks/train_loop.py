@@ -8,7 +8,16 @@ backward passes per step.
 
 Randomness is derived from (seed, rank, epoch, step): the shuffle of each epoch, and the
 prompts and torch RNG of each step. A resumed run therefore draws what the original run would
-have drawn, so the training state stores positions instead of RNG states.
+have drawn from its data position alone. Checkpoints also store every rank's torch, numpy and
+Python RNG states, and a resume with the same number of workers restores them, so code that
+draws from the global generators between the derived seeds resumes exactly too.
+
+NOTE: bit-exact resume is tested with one worker. With several workers, Ray Data's split may
+hand a different set of index rows to each rank after a restart, so a resumed run is a valid
+continuation but not guaranteed to match an uninterrupted one bit for bit.
+
+On GPUs (``precision: bf16``) the forward passes run under bfloat16 autocast; Ray Train sets up
+NCCL there and gloo on CPUs.
 """
 
 from __future__ import annotations
@@ -16,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import resource
 import tempfile
 import time
@@ -38,9 +46,32 @@ from samclip.tasks.checkpoints import (
     save_student_checkpoint,
     student_meta,
 )
-from samclip.tasks.train_collectives import all_reduce_sums, average_gradients, broadcast_parameters
-from samclip.tasks.train_data import FeatureSpec, make_clip_batch, make_sam_batch, slice_rows
-from samclip.tasks.train_metrics import METRICS_FILE, read_metrics_jsonl, write_metrics_jsonl
+from samclip.tasks.train_collectives import (
+    all_reduce_sums,
+    average_gradients,
+    broadcast_parameters,
+    gather_objects,
+)
+from samclip.tasks.train_data import (
+    FeatureLookup,
+    FeatureSpec,
+    make_clip_batch,
+    make_sam_batch,
+    slice_rows,
+)
+from samclip.tasks.train_metrics import (
+    METRICS_FILE,
+    MlflowMetrics,
+    format_eta,
+    read_metrics_jsonl,
+    write_metrics_jsonl,
+)
+from samclip.tasks.train_state import (
+    capture_rng_states,
+    fresh_state,
+    apply_test_hooks,
+    restore_rng_states,
+)
 from samclip.tasks.train_steps import (
     SamBatch,
     accumulate_gradients,
@@ -80,6 +111,10 @@ class LoopSettings:
     endpoint_url: str | None
     score_weights: tuple[float, float]  # (clip, sam) weights of val/score
     torch_threads: int
+    precision: str = "fp32"  # "bf16" runs the forward passes under bfloat16 autocast
+    # MLflow destination of rank 0's metrics: tracking_uri, experiment, artifact_location and
+    # run_name; None logs to metrics.jsonl only
+    mlflow: dict[str, Any] | None = None
 
     @property
     def stage_cfg(self) -> StageConfig:
@@ -118,6 +153,7 @@ class WorkerLoop:
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.autocast_dtype = torch.bfloat16 if settings.precision == "bf16" else None
 
         # model, frozen teacher decoder, optimiser
         stage = settings.stage
@@ -128,17 +164,23 @@ class WorkerLoop:
         trainable = freeze_for_stage(self.model, stage)
         self.optimizer = build_optimizer(self.model, stage, self.cfg)
         self.scheduler = build_scheduler(self.optimizer, self.cfg, settings.total_steps)
-        self.state = _fresh_state()
+        self.state = fresh_state()
         self._restore()
         broadcast_parameters(self.model, self.world)
+        node_ids = gather_objects(_node_id(), self.world)
+        self.nodes = len(set(node_ids))
         if self.rank == 0:
             logger.info(
-                "stage %d: %d workers, %d trainable parameters, %d steps per epoch, %d steps in all",
-                stage, self.world, trainable, settings.steps_per_epoch, settings.total_steps,
+                "stage %d: %d workers on %d nodes (%s, %s), %d trainable parameters, "
+                "%d steps per epoch, %d steps in all",
+                stage, self.world, self.nodes, self.device, settings.precision, trainable,
+                settings.steps_per_epoch, settings.total_steps,
             )
 
         # data and bookkeeping
         self.shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+        self.clip_features = FeatureLookup(settings.clip_spec)
+        self.sam_features = FeatureLookup(settings.sam_spec) if settings.sam_spec is not None else None
         self.sam_stream = None
         if stage == 2:
             self.shards["train_sam"] = ray.train.get_dataset_shard("train_sam")
@@ -150,6 +192,19 @@ class WorkerLoop:
         self.window: dict[str, float] = {}  # summed loss terms since the last report
         self.window_steps = 0
         self.reported = False
+        self.mlflow = None
+        if self.rank == 0 and settings.mlflow is not None:
+            try:
+                self.mlflow = MlflowMetrics(**settings.mlflow)
+            except Exception as error:  # noqa: BLE001  (metrics must not stop training)
+                logger.warning(
+                    "MLflow at %s is unavailable, so metrics go to metrics.jsonl only: %s",
+                    settings.mlflow["tracking_uri"], error,
+                )
+        # step timing of this attempt, for samples/s and the ETA
+        self.attempt_started = time.perf_counter()
+        self.attempt_steps = 0
+        self.last_step_end = self.attempt_started
 
     def _restore(self) -> None:
         """Resume from this run's own last checkpoint (a restarted worker group or a rerun)."""
@@ -167,6 +222,9 @@ class WorkerLoop:
         for schedule in self.scheduler.lr_lambdas:
             schedule.warmup_steps = self.cfg.warmup_steps
             schedule.total_steps = max(self.settings.total_steps, 1)
+        rng_states = saved.pop("rng_states", None)
+        if rng_states is not None and len(rng_states) == self.world:
+            restore_rng_states(rng_states[self.rank])
         state = self.state
         state.update(saved)
         # A run resumed with a larger max_steps or more epochs continues; early stopping is final.
@@ -185,6 +243,8 @@ class WorkerLoop:
 
         while self.state["epoch"] < self.cfg.epochs and not self.state["finished"]:
             self._train_epoch()
+        if self.mlflow is not None:
+            self.mlflow.finish()
 
         if not self.reported:
             # The restored checkpoint was already final: report it again so the result has it.
@@ -196,6 +256,7 @@ class WorkerLoop:
         settings, cfg, state = self.settings, self.cfg, self.state
         epoch = state["epoch"]
         self.model.train()
+        self.last_step_end = time.perf_counter()
         batches = self.shards["train"].iter_batches(
             batch_size=cfg.clip_batch_size,
             batch_format="numpy",
@@ -213,6 +274,7 @@ class WorkerLoop:
                 break
             if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
                 self._validate_and_checkpoint(epoch_done=False)
+                self.last_step_end = time.perf_counter()  # step timing leaves validation out
 
         epoch_done = state["batch_in_epoch"] >= settings.steps_per_epoch or not state["finished"]
         if not state["finished"] and state["batch_in_epoch"] < settings.steps_per_epoch:
@@ -230,11 +292,12 @@ class WorkerLoop:
 
     def _step(self, rows: dict[str, np.ndarray], epoch: int) -> None:
         settings, cfg, state = self.settings, self.cfg, self.state
-        started = time.perf_counter()
+        # A step's time runs from the end of the previous step, so it includes the wait for data.
+        started = self.last_step_end
         torch.manual_seed(derive_seed(settings.seed, "torch", self.rank, state["step"]))
 
         # batches: CLIP images, and in stage 2 SAM images with their sampled prompts
-        clip_batch = make_clip_batch(rows, settings.clip_spec, cfg.clip_resolution, settings.max_pixels)
+        clip_batch = make_clip_batch(rows, self.clip_features, cfg.clip_resolution, settings.max_pixels)
         clip_batch = clip_batch.to(self.device)
         samples = clip_batch.images.shape[0]
         sam_batch = prompts = None
@@ -248,37 +311,53 @@ class WorkerLoop:
         # backward passes, gradient averaging, one optimiser step
         lrs = {f"lr/{group['name']}": group["lr"] for group in self.optimizer.param_groups}
         terms = accumulate_gradients(
-            self.model, settings.stage, cfg, clip_batch, sam_batch, prompts, self.teacher
+            self.model, settings.stage, cfg, clip_batch, sam_batch, prompts, self.teacher,
+            self.autocast_dtype,
         )
         average_gradients(self.optimizer, self.world)
         terms["grad_norm"] = optimizer_step(self.optimizer, self.scheduler, cfg)
         state["step"] += 1
+        apply_test_hooks(state["step"], self.rank)
 
         # bookkeeping and the log line
         for name, value in terms.items():
             self.window[name] = self.window.get(name, 0.0) + value
         self.window_steps += 1
-        samples_per_second = samples * self.world / max(time.perf_counter() - started, 1e-9)
+        self.attempt_steps += 1
+        self.last_step_end = time.perf_counter()
+        step_seconds = max(self.last_step_end - started, 1e-9)
         step = state["step"]
         if self.rank == 0 and (step == 1 or step % cfg.log_every == 0 or step == settings.total_steps):
-            self._log_step(epoch, terms, lrs, samples_per_second)
+            self._log_step(epoch, terms, lrs, samples * self.world, step_seconds)
 
     def _log_step(
-        self, epoch: int, terms: dict[str, float], lrs: dict[str, float], samples_per_second: float
+        self, epoch: int, terms: dict[str, float], lrs: dict[str, float], samples: int, step_seconds: float
     ) -> None:
-        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        settings, step = self.settings, self.state["step"]
+        samples_per_second = samples / step_seconds
+        # the mean step time of this attempt, including validation and checkpoints
+        seconds_per_step = (self.last_step_end - self.attempt_started) / max(self.attempt_steps, 1)
+        eta_seconds = seconds_per_step * (settings.total_steps - step)
+        peak_memory_mib = _peak_memory_mib(self.device)
         logger.info(
-            "stage %d | epoch %d | step %d/%d | %s | %s | %.1f samples/s | peak rss %.0f MiB",
-            self.settings.stage, epoch, self.state["step"], self.settings.total_steps,
+            "stage %d | epoch %d/%d | step %d/%d | eta %s | %s | %s | %.1f samples/s | peak memory %.0f MiB",
+            settings.stage, epoch + 1, self.cfg.epochs, step, settings.total_steps, format_eta(eta_seconds),
             " ".join(f"{name} {value:.4f}" for name, value in terms.items()),
             " ".join(f"{name} {value:.2e}" for name, value in lrs.items()),
-            samples_per_second, peak_rss_mib,
+            samples_per_second, peak_memory_mib,
         )
-        line = {"kind": "train", "step": self.state["step"], "epoch": epoch}
-        line.update({f"train/{name}": value for name, value in terms.items()})
-        line.update(lrs)
-        line.update({"samples_per_second": samples_per_second, "peak_rss_mib": peak_rss_mib})
-        self.metrics_lines.append(line)
+        metrics = {f"train/{name}": value for name, value in terms.items()}
+        metrics.update(lrs)
+        metrics.update({
+            "samples_per_second": samples_per_second,
+            "step_seconds": step_seconds,
+            "samples": samples,
+            "peak_memory_mib": peak_memory_mib,
+            "eta_seconds": eta_seconds,
+        })
+        self.metrics_lines.append({"kind": "train", "step": step, "epoch": epoch, "time": time.time(), **metrics})
+        if self.mlflow is not None:
+            self.mlflow.add(metrics, step)
 
     def _prompts(self, sam_batch: SamBatch, seed: int):
         from samclip.model.prompts import sample_prompts
@@ -302,7 +381,7 @@ class WorkerLoop:
             )
             for index, rows in enumerate(batches):
                 if index >= skip:
-                    batch = make_sam_batch(rows, settings.sam_spec, resolution, settings.max_pixels)
+                    batch = make_sam_batch(rows, self.sam_features, resolution, settings.max_pixels)
                     yield batch.to(self.device)
             skip = 0
             pass_index += 1
@@ -315,17 +394,21 @@ class WorkerLoop:
         prompt_seed = derive_seed(settings.seed, "val-prompts", self.rank)
         batches = self.shards["val"].iter_batches(batch_size=cfg.clip_batch_size, batch_format="numpy")
         for batch_index, rows in enumerate(batches):
-            clip_batch = make_clip_batch(rows, settings.clip_spec, cfg.clip_resolution, settings.max_pixels)
-            _add(totals, validation_sums(self.model, cfg, clip_batch.to(self.device)))
+            clip_batch = make_clip_batch(rows, self.clip_features, cfg.clip_resolution, settings.max_pixels)
+            clip_batch = clip_batch.to(self.device)
+            _add(totals, validation_sums(self.model, cfg, clip_batch, autocast_dtype=self.autocast_dtype))
             if not settings.val_has_sam or self.teacher is None:
                 continue
             for start in range(0, len(rows["hash"]), cfg.sam_batch_size):
                 part = slice_rows(rows, start, start + cfg.sam_batch_size)
                 resolution = self.model.arch.sam_resolution
-                sam_batch = make_sam_batch(part, settings.sam_spec, resolution, settings.max_pixels)
+                sam_batch = make_sam_batch(part, self.sam_features, resolution, settings.max_pixels)
                 sam_batch = sam_batch.to(self.device)
                 prompts = self._prompts(sam_batch, derive_seed(prompt_seed, batch_index, start))
-                _add(totals, validation_sums(self.model, cfg, None, sam_batch, prompts, self.teacher))
+                sums = validation_sums(
+                    self.model, cfg, None, sam_batch, prompts, self.teacher, self.autocast_dtype
+                )
+                _add(totals, sums)
         self.model.train()
         return validation_metrics(all_reduce_sums(totals, self.world), settings.stage, cfg)
 
@@ -338,6 +421,7 @@ class WorkerLoop:
         metrics: dict[str, float] = {
             "epoch": state["step"] / max(settings.steps_per_epoch, 1),
             "step": state["step"],
+            "nodes": self.nodes,
         }
         if self.window_steps:
             metrics.update({f"train/{k}": v / self.window_steps for k, v in self.window.items()})
@@ -364,7 +448,8 @@ class WorkerLoop:
         metrics["finished"] = float(state["finished"])
         state["last_metrics"] = metrics
 
-        # checkpoint: rank 0 writes it, every rank reports
+        # checkpoint: every rank's RNG states go to rank 0, which writes it; every rank reports
+        rng_states = gather_objects(capture_rng_states(), self.world)
         with tempfile.TemporaryDirectory(prefix="samclip-ckpt-") as folder:
             checkpoint = None
             if self.rank == 0:
@@ -377,26 +462,29 @@ class WorkerLoop:
                     **state,
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),
+                    "rng_states": rng_states,  # one entry per rank
                 }
                 save_student_checkpoint(folder, self.model, self.meta, train_state, settings.config_yaml)
                 write_metrics_jsonl(self.metrics_uri, self.metrics_lines)
+                if self.mlflow is not None:
+                    self.mlflow.add({k: v for k, v in metrics.items() if k.startswith("val/")}, state["step"])
+                    self.mlflow.flush()
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
         self.reported = True
 
 
-def _fresh_state() -> dict[str, Any]:
-    return {
-        "step": 0,  # optimiser steps taken
-        "epoch": 0,  # the epoch in progress
-        "batch_in_epoch": 0,  # CLIP batches of that epoch already trained on
-        "sam_batches_drawn": 0,
-        "finished": False,
-        "early_stopped": False,
-        "best_val_loss": math.inf,
-        "epochs_without_improvement": 0,
-        "last_metrics": {},
-    }
+def _peak_memory_mib(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak resident memory on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 def _add(totals: dict[str, float], sums: dict[str, float]) -> None:

@@ -1,4 +1,4 @@
-"""A training run's ``metrics.jsonl`` and its loss-curve plot.
+"""A training run's metrics: ``metrics.jsonl``, the MLflow run, the ETA and the loss-curve plot.
 
 Each line is one JSON object with ``kind`` (``train`` for a logged step, ``eval`` for a
 checkpoint report), ``step``, ``epoch`` and namespaced metrics (``train/...``, ``val/...``,
@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import time
 from typing import Any
 
 from samclip.tasks import storage
+
+logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -48,6 +52,8 @@ def plot_loss_curve(metrics_uri: str, png_uri: str, title: str) -> str:
         ("train", "train/clip_cosine", ":"),
         ("eval", "val/loss", "o-"),
         ("eval", "val/clip_cosine", "s--"),
+        ("train", "train/sam", "-."),
+        ("eval", "val/sam", "^--"),
     )
     for kind, key, style in curves:
         points = [(line["step"], line[key]) for line in lines if line.get("kind") == kind and key in line]
@@ -68,3 +74,72 @@ def plot_loss_curve(metrics_uri: str, png_uri: str, title: str) -> str:
     plt.close(figure)
     storage.write_bytes(png_uri, buffer.getvalue())
     return png_uri
+
+
+def format_eta(seconds: float) -> str:
+    """Format a remaining time as ``H:MM:SS``."""
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class MlflowMetrics:
+    """Metrics of one training run in MLflow, sent from rank 0 in batches at each checkpoint.
+
+    The MLflow run is found by the tag ``samclip.run_name``, so a resumed training run keeps
+    logging into the same MLflow run. Steps logged after the last checkpoint of a failed
+    attempt are logged again by the resumed one, and MLflow keeps both values. A failure to
+    reach the tracking server is logged and never stops training.
+    """
+
+    RUN_NAME_TAG = "samclip.run_name"
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None, run_name: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            try:
+                experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location)
+            except Exception:  # another process created it first
+                found = self.client.get_experiment_by_name(experiment)
+                if found is None:
+                    raise
+                experiment_id = found.experiment_id
+        else:
+            experiment_id = found.experiment_id
+        runs = self.client.search_runs(
+            [experiment_id], filter_string=f"tags.`{self.RUN_NAME_TAG}` = '{run_name}'", max_results=1
+        )
+        if runs:
+            self.run_id = runs[0].info.run_id
+        else:
+            tags = {self.RUN_NAME_TAG: run_name}
+            self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.pending: list[Any] = []
+        self.failures = 0
+
+    def add(self, metrics: dict[str, Any], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.pending.append(Metric(key, float(value), now, int(step)))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        try:
+            for start in range(0, len(pending), 1000):  # MLflow's limit of metrics per batch
+                self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+        except Exception as error:  # noqa: BLE001  (metrics must not stop training)
+            self.failures += 1
+            if self.failures <= 3:
+                logger.warning("logging %d metrics to MLflow run %s failed: %s", len(pending), self.run_id, error)
+
+    def finish(self) -> None:
+        self.flush()
+        try:
+            self.client.set_terminated(self.run_id)
+        except Exception as error:  # noqa: BLE001
+            logger.warning("ending MLflow run %s failed: %s", self.run_id, error)

@@ -8,6 +8,9 @@ Stage semantics (SAM-CLIP, Wang et al., arXiv 2310.15308):
   lambda * L_SAM on a SAM batch, accumulates both gradients, then steps once. The CLIP head
   trains at ``lr``; the image encoder and the SAM head at ``lr * lr_ratio``.
 - stage 3, resolution adaptation: as stage 1, at a higher CLIP input resolution.
+- stage 4, naive distillation (the paper's baseline, not part of the pipeline): the image
+  encoder and the CLIP head train on L_CLIP only, and the SAM head stays frozen. The CLIP head
+  trains at ``lr``, the image encoder at ``lr * lr_ratio``.
 
 L_SAM compares the student's mask logits with those of the frozen teacher decoder run on the
 precomputed teacher image embedding, for the same sampled prompts.
@@ -15,6 +18,7 @@ precomputed teacher image embedding, for the same sampled prompts.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +28,8 @@ from torch import nn
 
 from samclip.config import StageConfig
 
-STAGES = (1, 2, 3)
+STAGES = (1, 2, 3, 4)
+NAIVE_DISTILLATION_STAGE = 4
 
 # Parameter groups that train in each stage, as (group name, SamClip submodules).
 STAGE_GROUPS: dict[int, tuple[tuple[str, tuple[str, ...]], ...]] = {
@@ -35,6 +40,7 @@ STAGE_GROUPS: dict[int, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("sam_head", ("prompt_encoder", "mask_decoder")),
     ),
     3: (("clip_head", ("clip_head",)),),
+    4: (("clip_head", ("clip_head",)), ("backbone", ("image_encoder",))),
 }
 
 
@@ -127,37 +133,62 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(stage_cfg.warmup_steps, total_steps))
 
 
-def clip_loss_terms(model: nn.Module, batch: ClipBatch) -> dict[str, torch.Tensor]:
-    """Compute L_CLIP terms: ``clip_cosine`` is the mean cosine distance to the teacher."""
+def forward_precision(device: torch.device, autocast_dtype: torch.dtype | None):
+    """Return the autocast context of a forward pass: none for float32, else ``autocast_dtype``."""
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype)
+
+
+def clip_loss_terms(
+    model: nn.Module, batch: ClipBatch, autocast_dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Compute L_CLIP terms: ``clip_cosine`` is the mean cosine distance to the teacher.
+
+    With ``autocast_dtype`` the student runs under autocast and the loss in float32.
+    """
     from samclip.model.losses import clip_distillation_loss
 
-    return clip_distillation_loss(model.clip_embedding(batch.images), batch.targets)
+    with forward_precision(batch.images.device, autocast_dtype):
+        embedding = model.clip_embedding(batch.images)
+    return clip_distillation_loss(embedding.float(), batch.targets)
 
 
-def teacher_mask_logits(teacher: nn.Module, batch: SamBatch, prompts: Any) -> torch.Tensor:
+def teacher_mask_logits(
+    teacher: nn.Module, batch: SamBatch, prompts: Any, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Run the frozen teacher decoder on the precomputed embeddings: (B, K, 4h', 4w') logits."""
     from samclip.model.student import decode_masks
 
-    with torch.no_grad():
+    with torch.no_grad(), forward_precision(batch.images.device, autocast_dtype):
         prediction = decode_masks(
             teacher.prompt_encoder, teacher.mask_decoder, batch.teacher_embeddings, prompts
         )
-    return prediction.logits
+    return prediction.logits.float()
 
 
-def student_mask_logits(model: nn.Module, batch: SamBatch, prompts: Any) -> torch.Tensor:
+def student_mask_logits(
+    model: nn.Module, batch: SamBatch, prompts: Any, autocast_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Run the student's image encoder and SAM head: (B, K, 4h', 4w') logits."""
-    return model.predict_masks(model.image_embeddings(batch.images), prompts).logits
+    with forward_precision(batch.images.device, autocast_dtype):
+        logits = model.predict_masks(model.image_embeddings(batch.images), prompts).logits
+    return logits.float()
 
 
 def sam_loss_terms(
-    model: nn.Module, teacher: nn.Module, batch: SamBatch, prompts: Any, stage_cfg: StageConfig
+    model: nn.Module,
+    teacher: nn.Module,
+    batch: SamBatch,
+    prompts: Any,
+    stage_cfg: StageConfig,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute L_SAM terms (``sam_focal``, ``sam_dice``, ``sam``) against the teacher's masks."""
     from samclip.model.losses import sam_distillation_loss
 
-    targets = teacher_mask_logits(teacher, batch, prompts)
-    logits = student_mask_logits(model, batch, prompts)
+    targets = teacher_mask_logits(teacher, batch, prompts, autocast_dtype)
+    logits = student_mask_logits(model, batch, prompts, autocast_dtype)
     return sam_distillation_loss(logits, targets, stage_cfg.focal_weight, stage_cfg.dice_weight)
 
 
@@ -169,15 +200,17 @@ def accumulate_gradients(
     sam_batch: SamBatch | None = None,
     prompts: Any = None,
     teacher: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Backpropagate one step's losses into ``.grad`` and return every loss term as a float.
 
     Stage 2 runs two backward passes, first L_CLIP on the CLIP batch, then lambda * L_SAM on the
     SAM batch, so that only one branch's activations are alive at a time. The gradients add up
-    in ``.grad`` exactly as one backward of the sum would.
+    in ``.grad`` exactly as one backward of the sum would. ``autocast_dtype`` (bfloat16 on GPUs)
+    runs the forward passes under autocast; the backward passes run outside it.
     """
     check_stage(stage)
-    terms = clip_loss_terms(model, clip_batch)
+    terms = clip_loss_terms(model, clip_batch, autocast_dtype)
     terms["clip_cosine"].backward()
     logged = {name: float(value.detach()) for name, value in terms.items()}
     loss = logged["clip_cosine"]
@@ -185,7 +218,7 @@ def accumulate_gradients(
     if stage == 2:
         if sam_batch is None or teacher is None or prompts is None:
             raise ValueError("stage 2 needs a SAM batch, its prompts and the teacher decoder")
-        sam_terms = sam_loss_terms(model, teacher, sam_batch, prompts, stage_cfg)
+        sam_terms = sam_loss_terms(model, teacher, sam_batch, prompts, stage_cfg, autocast_dtype)
         (stage_cfg.sam_loss_weight * sam_terms["sam"]).backward()
         logged.update({name: float(value.detach()) for name, value in sam_terms.items()})
         loss += stage_cfg.sam_loss_weight * logged["sam"]
@@ -226,6 +259,7 @@ def validation_sums(
     sam_batch: SamBatch | None = None,
     prompts: Any = None,
     teacher: nn.Module | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Return per-batch sums for validation: losses times images, IoU times masks, and counts."""
     from samclip.model.losses import sam_distillation_loss
@@ -233,13 +267,14 @@ def validation_sums(
     sums: dict[str, float] = {}
     if clip_batch is not None:
         count = clip_batch.images.shape[0]
-        sums["clip_cosine"] = float(clip_loss_terms(model, clip_batch)["clip_cosine"]) * count
+        terms = clip_loss_terms(model, clip_batch, autocast_dtype)
+        sums["clip_cosine"] = float(terms["clip_cosine"]) * count
         sums["clip_count"] = count
     if sam_batch is not None:
         if teacher is None or prompts is None:
             raise ValueError("SAM validation needs the prompts and the teacher decoder")
-        targets = teacher_mask_logits(teacher, sam_batch, prompts)
-        logits = student_mask_logits(model, sam_batch, prompts)
+        targets = teacher_mask_logits(teacher, sam_batch, prompts, autocast_dtype)
+        logits = student_mask_logits(model, sam_batch, prompts, autocast_dtype)
         terms = sam_distillation_loss(logits, targets, stage_cfg.focal_weight, stage_cfg.dice_weight)
         images = sam_batch.images.shape[0]
         iou = mask_iou(logits, targets)

@@ -93,3 +93,24 @@ def test_files_committed_without_temporaries(tmp_path, student):
     save_student_checkpoint(folder, student, student_meta("tiny", 32, **OPTIONS), train_state={"step": 0})
     names = sorted(uri.rsplit("/", 1)[-1] for uri in storage.list_files(folder))
     assert names == ["model.safetensors", "student.json", "train_state.pt"]
+
+
+def test_rng_states_round_trip_through_checkpoint(tmp_path, student):
+    import random
+
+    import numpy as np
+
+    from samclip.tasks.train_state import capture_rng_states, restore_rng_states
+
+    torch.manual_seed(3)
+    np.random.seed(3)
+    random.seed(3)
+    folder = str(tmp_path / "ckpt")
+    state = {"step": 1, "rng_states": [capture_rng_states()]}
+    save_student_checkpoint(folder, student, student_meta("tiny", 32, **OPTIONS), train_state=state)
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+
+    restore_rng_states(load_train_state(folder)["rng_states"][0])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import io
 import math
 import os
 import time
@@ -118,8 +116,8 @@ def test_stage1_optimizer_holds_only_head(student):
 
 
 def test_invalid_stage_rejected(student):
-    with pytest.raises(ValueError, match="invalid stage 4"):
-        trainable_parameters(student, 4)
+    with pytest.raises(ValueError, match="invalid stage 5"):
+        trainable_parameters(student, 5)
 
 
 def test_stage2_gradient_is_sum_of_branches(student, teacher, batches):
@@ -214,51 +212,10 @@ def test_mask_iou_counts_empty_as_match():
 
 
 def write_stage_data(root: str, config, n_train: int = 4, n_val: int = 2, clip_dim: int = EMBED_DIM):
-    """Write images, a manifest and teacher features in the documented formats; returns StageData.
+    """Write images, a manifest and teacher features for a tiny stage; returns StageData."""
+    from samclip.tasks.train_synthetic import write_synthetic_stage_data
 
-    The SAM features are the real SAM teacher's image-encoder embeddings, so a student whose SAM
-    parts equal the teacher's reproduces its masks. The CLIP features are random vectors.
-    """
-    import pyarrow as pa
-    from PIL import Image
-
-    from samclip.model.images import batch_sam_inputs, decode_image
-    from samclip.model.sam_teacher import get_sam_arch
-    from samclip.tasks.features import write_feature_shard
-    from samclip.tasks.teachers import ensure_teachers, load_sam_teacher
-    from samclip.tasks.train_data import StageData
-
-    rng = np.random.default_rng(0)
-    rows, images = [], []
-    for index in range(n_train + n_val):
-        height, width = (96, 128) if index % 2 else (120, 90)
-        pixels = np.zeros((height, width, 3), np.uint8)
-        pixels[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None]
-        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
-        pixels[top : top + height // 3, left : left + width // 3] = rng.integers(0, 255, 3)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        uri = storage.join(root, "images", f"image-{index}.png")
-        storage.write_bytes(uri, buffer.getvalue())
-        images.append(decode_image(buffer.getvalue()))
-        rows.append({
-            "hash": hashlib.sha256(buffer.getvalue()).hexdigest(), "uri": uri, "width": width,
-            "height": height, "split": "train" if index < n_train else "val", "label": None, "source": "test",
-        })
-    manifest_uri = storage.join(root, "curate", "manifest.parquet")
-    storage.write_parquet(pa.Table.from_pylist(rows), manifest_uri)
-
-    hashes = [row["hash"] for row in rows]
-    clip_dir = storage.join(root, "features", "clip-test")
-    clip_features = rng.standard_normal((len(rows), clip_dim)).astype(np.float16)
-    write_feature_shard(clip_dir, hashes, clip_features, "float16")
-    teacher = load_sam_teacher(ensure_teachers(config))
-    inputs, _ = batch_sam_inputs(images, get_sam_arch(config.teachers.sam.variant).image_size)
-    with torch.no_grad():
-        embeddings = teacher.image_encoder(inputs).numpy().astype(np.float16)
-    sam_dir = storage.join(root, "features", "sam-test")
-    write_feature_shard(sam_dir, hashes, embeddings, "float16")
-    return StageData(manifest_uri=manifest_uri, clip_features_dir=clip_dir, sam_features_dir=sam_dir)
+    return write_synthetic_stage_data(root, config, n_train, n_val, clip_dim)
 
 
 def tiny_config(root: str, *overrides: str):
@@ -360,3 +317,106 @@ def test_stage2_resumes_from_own_checkpoint(ray_cluster, stage_setup):
     assert load_train_state(second.checkpoint_uri)["step"] == 2
     steps = [line["step"] for line in read_metrics_jsonl(second.metrics_jsonl_uri) if line["kind"] == "train"]
     assert steps == [1, 2]
+
+
+# ---------------------------------------------------------------- more stage semantics
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_head_stage_gradients_reach_only_head(student, batches, stage):
+    clip_batch, _, _ = batches
+    freeze_for_stage(student, stage)
+    accumulate_gradients(student, stage, StageConfig(), clip_batch)
+    with_grad = {name for name, p in student.named_parameters() if p.grad is not None}
+    assert with_grad
+    assert all(name.startswith("clip_head.") for name in with_grad)
+    student.zero_grad(set_to_none=True)
+
+
+def test_stage2_gradients_reach_every_group(student, teacher, batches):
+    clip_batch, sam_batch, prompts = batches
+    freeze_for_stage(student, 2)
+    accumulate_gradients(student, 2, StageConfig(), clip_batch, sam_batch, prompts, teacher)
+    for group, params in trainable_parameters(student, 2).items():
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params), group
+    student.zero_grad(set_to_none=True)
+
+
+def test_scheduler_lrs_keep_group_ratio(student):
+    cfg = StageConfig(lr=4e-5, lr_ratio=0.1, warmup_steps=2)
+    optimizer = build_optimizer(student, 2, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=6)
+    for _ in range(4):
+        lrs = {group["name"]: group["lr"] for group in optimizer.param_groups}
+        assert lrs["backbone"] == pytest.approx(0.1 * lrs["clip_head"])
+        assert lrs["sam_head"] == pytest.approx(0.1 * lrs["clip_head"])
+        optimizer.step()
+        scheduler.step()
+
+
+def test_paper_profile_matches_paper():
+    config = load_config("paper-vit-b")
+    train = config.train
+    # the batch sizes are per worker: workers x per-worker batch gives the paper's global batches
+    assert train.workers * train.stage1.clip_batch_size == 2048
+    assert train.workers * train.stage2.clip_batch_size == 2048
+    assert train.workers * train.stage2.sam_batch_size == 32
+    assert train.stage2.masks_per_image == 32
+    assert (train.stage1.lr, train.stage2.lr, train.stage2.lr_ratio) == (8e-4, 4e-5, 0.1)
+    assert train.stage2.sam_loss_weight == 10.0
+    assert (train.stage1.epochs, train.stage2.epochs, train.stage3.epochs) == (20, 20, 3)
+    assert train.stage2.early_stopping_patience is not None
+    assert train.stage3.clip_resolution == 1024 > train.stage1.clip_resolution
+    assert train.precision == "auto"
+    assert train.use_gpu
+
+
+# ---------------------------------------------------------------- the streaming data index
+
+
+def test_index_holds_no_features_and_lookup_reads_shards(tmp_path):
+    import pyarrow as pa
+
+    from samclip.tasks.features import write_feature_shard
+    from samclip.tasks.train_data import FeatureLookup, StageData, build_stage_tables
+
+    hashes = [f"{index:064x}" for index in range(6)]
+    rows = [
+        {"hash": key, "uri": f"/images/{index}.png", "split": "train" if index < 4 else "val"}
+        for index, key in enumerate(hashes)
+    ]
+    manifest = str(tmp_path / "manifest.parquet")
+    storage.write_parquet(pa.Table.from_pylist(rows), manifest)
+    features = np.arange(6 * 3, dtype=np.float16).reshape(6, 3)
+    clip_dir = str(tmp_path / "clip")
+    write_feature_shard(clip_dir, hashes[:3], features[:3], "float16")
+    write_feature_shard(clip_dir, hashes[3:], features[3:], "float16")
+
+    tables = build_stage_tables(StageData(manifest, clip_dir), stage=1)
+    assert tables.train.column_names == ["hash", "uri", "clip_shard", "sam_shard"]
+    assert len(tables.clip_spec.shards) == 2
+    assert tables.counts == {"train": 4, "train_sam": 0, "val": 2, "val_sam": 0}
+
+    lookup = FeatureLookup(tables.clip_spec, cached_shards=1)
+    batch = tables.train.to_pydict()
+    got = lookup.get(np.asarray(batch["hash"]), np.asarray(batch["clip_shard"]))
+    expected = np.stack([features[hashes.index(key)] for key in batch["hash"]]).astype(np.float32)
+    assert torch.equal(got, torch.from_numpy(expected))
+    assert lookup.shard_reads == 2
+    with pytest.raises(KeyError, match="no feature"):
+        lookup.get(np.asarray(hashes[:1]), np.asarray([-1]))
+
+
+def test_index_rejects_missing_clip_features(tmp_path):
+    import pyarrow as pa
+
+    from samclip.tasks.features import write_feature_shard
+    from samclip.tasks.train_data import StageData, build_stage_tables
+
+    rows = [{"hash": f"{index:064x}", "uri": "/x.png", "split": "train"} for index in range(2)]
+    manifest = str(tmp_path / "manifest.parquet")
+    storage.write_parquet(pa.Table.from_pylist(rows), manifest)
+    clip_dir = str(tmp_path / "clip")
+    write_feature_shard(clip_dir, [rows[0]["hash"]], np.zeros((1, 3), np.float16), "float16")
+    with pytest.raises(KeyError, match="1 of 2 manifest hashes"):
+        build_stage_tables(StageData(manifest, clip_dir), stage=1)
