@@ -40,6 +40,22 @@ def stage_run_name(config: PipelineConfig, stage: int) -> str:
     return f"stage{stage}-{digest(_select(config, _STAGE_INPUTS[stage]))}"
 
 
+def stage_inputs(config: PipelineConfig, stage: int) -> dict[str, object]:
+    """Return the config sections that determine a stage's result."""
+    return _select(config, _STAGE_INPUTS[stage])
+
+
+def sweep_inputs(config: PipelineConfig) -> dict[str, object]:
+    """Return the settings that determine a sweep's trials.
+
+    The winner selection is left out: it only reads the finished trials, so changing it reuses
+    the same sweep folder instead of training every trial again.
+    """
+    selected = _select(config, _STAGE_INPUTS[2])
+    selected["sweep"] = {k: v for k, v in selected["sweep"].items() if k != "selection"}  # type: ignore[union-attr]
+    return selected
+
+
 def sweep_name(config: PipelineConfig) -> str:
     """Return the Ray Tune experiment name: the configured name plus a digest of its inputs."""
-    return f"{config.sweep.name}-{digest(_select(config, _STAGE_INPUTS[2]))}"
+    return f"{config.sweep.name}-{digest(sweep_inputs(config))}"

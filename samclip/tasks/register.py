@@ -3,8 +3,11 @@
 One registered model version holds everything needed to use and audit the model: the student
 weights (safetensors, so loading never executes code), its architecture, the resolved run
 config, the evaluation report and the lineage (manifest, teacher fingerprints, code version,
-flow run). The default registry is SQLite with artifacts beside it on the storage root; any
-MLflow tracking URI works.
+flow run, Ray job). Each new version takes the candidate alias; it also takes the champion
+alias only when it passes the configured gates (minimum values, and no objective regressing
+beyond a tolerance against the current champion), and the decision is recorded in the version's
+``promotion`` and ``promotion_reason`` tags. The default registry is SQLite with artifacts
+beside it on the storage root; any MLflow tracking URI works.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from samclip.config import PipelineConfig
+from samclip.config import PipelineConfig, PromotionGates
 from samclip.tasks import storage
 
 logger = logging.getLogger(__name__)
@@ -33,9 +36,55 @@ MODEL_FILES = ("model.safetensors", "student.json", "config.yaml")
 class RegisteredModel:
     name: str
     version: str
-    alias: str
+    alias: str  # the champion alias when the version was promoted, else the candidate alias
     run_id: str
     tracking_uri: str
+    promoted: bool = False
+    reason: str = ""  # why the gates promoted or held back this version (also a version tag)
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: list[str]
+
+    def describe(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def check_gates(
+    metrics: dict[str, float], champion: dict[str, float] | None, gates: PromotionGates
+) -> GateDecision:
+    """Decide whether a version with ``metrics`` may replace ``champion`` (None: no champion yet).
+
+    A version passes when every metric in ``gates.min_values`` reaches its minimum and no
+    objective in ``gates.objectives`` falls more than ``gates.max_regression`` below the
+    champion's value. The reasons list every failed gate, or what passed.
+    """
+    failures: list[str] = []
+    for key, minimum in sorted(gates.min_values.items()):
+        value = metrics.get(key)
+        if value is None:
+            failures.append(f"{key} missing from the evaluation (minimum {minimum:g})")
+        elif not value >= minimum:
+            failures.append(f"{key} {value:.4f} below the minimum {minimum:g}")
+    if champion is not None:
+        for key in gates.objectives:
+            value, best = metrics.get(key), champion.get(key)
+            if best is None:
+                continue  # the champion predates this objective: nothing to regress against
+            if value is None:
+                failures.append(f"{key} missing from the evaluation (champion {best:.4f})")
+            elif not value >= best - gates.max_regression:
+                failures.append(
+                    f"{key} regressed to {value:.4f} from the champion's {best:.4f} "
+                    f"(tolerance {gates.max_regression:g})"
+                )
+    if failures:
+        return GateDecision(False, failures)
+    if champion is None:
+        return GateDecision(True, ["passed the minimum values; no champion yet"])
+    return GateDecision(True, ["passed the minimum values and no objective regressed"])
 
 
 def code_version() -> str:
@@ -55,6 +104,14 @@ def code_version() -> str:
         return f"git:{commit}{'+dirty' if dirty else ''}"
     except (OSError, subprocess.SubprocessError):
         return f"samclip=={version('samclip')}"
+
+
+def redact_uri(uri: str) -> str:
+    """Replace the user-info part of a URI (``scheme://user:password@host``) for logging."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or "@" not in rest.split("/", 1)[0]:
+        return uri
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
 
 
 def tracking_uri(config: PipelineConfig) -> str:
@@ -78,6 +135,10 @@ def _experiment_id(client, config: PipelineConfig) -> str:
     experiment = client.get_experiment_by_name(config.registry.experiment)
     if experiment is not None:
         return experiment.experiment_id
+    if tracking_uri(config).startswith(("http://", "https://")):
+        # A tracking server stores artifacts where its operator configured it to
+        # (``--artifacts-destination``); clients then need no access to that store themselves.
+        return client.create_experiment(config.registry.experiment)
     return client.create_experiment(config.registry.experiment, artifact_location=_artifact_location(config))
 
 
@@ -93,10 +154,34 @@ def _stage_model_files(checkpoint_uri: str, target: str) -> None:
 
 def _numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {
-        key.replace("/", "."): float(value)
+        key: float(value)
         for key, value in metrics.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     }
+
+
+def _mlflow_metric_key(key: str) -> str:
+    return key.replace("/", ".")
+
+
+def _champion_metrics(client, name: str, alias: str, keys: list[str]) -> tuple[str, dict[str, float]] | None:
+    """Return the champion's version and its logged metrics for ``keys``, or None without one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+    logged = client.get_run(version.run_id).data.metrics
+    values = {key: logged[_mlflow_metric_key(key)] for key in keys if _mlflow_metric_key(key) in logged}
+    return str(version.version), values
+
+
+def file_sha256(uri: str) -> str:
+    """Return the sha256 hex digest of a file's bytes (manifests are recorded by content)."""
+    import hashlib
+
+    return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
 def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict[str, Any]) -> RegisteredModel:
@@ -108,6 +193,8 @@ def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: d
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, config)
     lineage = {**lineage, "code_version": code_version(), "checkpoint_uri": checkpoint_uri}
+    if lineage.get("manifest_uri") and "manifest_sha256" not in lineage:
+        lineage["manifest_sha256"] = file_sha256(lineage["manifest_uri"])
     metrics = dict(evaluation.metrics)
 
     run = client.create_run(experiment_id, run_name=f"register-{config.registry.model_name}")
@@ -125,7 +212,7 @@ def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: d
             client.log_artifact(run_id, str(local), "evaluation")
 
     for key, value in _numeric_metrics(metrics).items():
-        client.log_metric(run_id, key, value)
+        client.log_metric(run_id, _mlflow_metric_key(key), value)
     client.log_param(run_id, "profile", config.profile)
     client.log_param(run_id, "student_arch", config.student.arch)
     client.set_tag(run_id, "code_version", lineage["code_version"])
@@ -136,17 +223,43 @@ def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: d
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name, description="SAM-CLIP merged backbone (samclip)")
+
+    # the gates compare with the champion as it was before this version existed
+    gates = config.registry.gates
+    champion = _champion_metrics(client, name, config.registry.champion_alias, gates.objectives)
+    decision = check_gates(_numeric_metrics(metrics), champion[1] if champion else None, gates)
+
     source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
     tags = {
         "code_version": lineage["code_version"],
         "teacher_fingerprints": json.dumps(lineage.get("teacher_fingerprints", {}), sort_keys=True),
         "manifest_uri": str(lineage.get("manifest_uri", "")),
+        "manifest_sha256": str(lineage.get("manifest_sha256", "")),
         "prefect_flow_run_id": str(lineage.get("prefect_flow_run_id", "")),
+        "ray_job_ids": json.dumps(lineage.get("ray_job_ids", [])),
+        "promotion": "promoted" if decision.passed else "held",
+        "promotion_reason": decision.describe(),
+        "compared_with_version": champion[0] if champion else "",
     }
     version = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
     client.set_registered_model_alias(name, config.registry.alias, version.version)
-    logger.info("registered %s version %s as @%s at %s", name, version.version, config.registry.alias, uri)
-    return RegisteredModel(name=name, version=str(version.version), alias=config.registry.alias, run_id=run_id, tracking_uri=uri)
+    alias = config.registry.alias
+    if decision.passed:
+        client.set_registered_model_alias(name, config.registry.champion_alias, version.version)
+        alias = config.registry.champion_alias
+    logger.info(
+        "registered %s version %s as @%s at %s: %s",
+        name, version.version, alias, redact_uri(uri), decision.describe(),
+    )
+    return RegisteredModel(
+        name=name,
+        version=str(version.version),
+        alias=alias,
+        run_id=run_id,
+        tracking_uri=uri,
+        promoted=decision.passed,
+        reason=decision.describe(),
+    )
 
 
 def download_registered(name: str, alias: str, tracking_uri_value: str, target: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The whole pipeline: curate → precompute → stage 1 → stage 2 sweep → stage 3 → evaluate → register.
 
-Run with ``samclip run --profile smoke`` (``make run``). Every step reuses what storage already
-holds, so a rerun after a failure continues where the first run stopped.
+Run with ``samclip run --profile smoke`` (``make run``), or as the ``samclip-pipeline``
+deployment of ``prefect.yaml``. Every step reuses what storage already contains, so a rerun
+after a failure continues where the first run stopped. A retry of the same flow run also
+reuses the persisted results of the steps that completed (see ``caching``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class PipelineOutputs:
     flow_started: float = 0.0
 
 
-@flow(name="samclip-pipeline")
+@flow(name="samclip-pipeline", retries=1, retry_delay_seconds=60, persist_result=True)
 def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) -> PipelineOutputs:
     from samclip.tasks.train import StageData
 
@@ -77,10 +79,14 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
         "stage3_checkpoint": stage3.checkpoint_uri if stage3 else None,
         "sweep_table": swept.sweep.table_uri,
         "prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "ray_job_ids": [job for job in [data.ray.get("job_id")] if job],
+        "ray_address": data.ray.get("address"),
     }
     started = time.monotonic()
     registered = steps.register_model(config, final_checkpoint, evaluation, lineage)
     timings["register"] = time.monotonic() - started
+
+    steps.publish_artifacts(evaluation, swept.sweep, registered)
 
     return PipelineOutputs(
         profile=config.profile,

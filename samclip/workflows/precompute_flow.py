@@ -24,10 +24,12 @@ class DataOutputs:
     computed: dict[str, int]
     teachers: Any
     curate_counts: dict[str, Any]
+    ray: dict[str, Any] = field(default_factory=dict)  # address, job_id, how Ray was reached
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@flow(name="samclip-precompute", log_prints=False)
+# Completed runs persist their result, so a retried parent flow reuses this subflow's run.
+@flow(name="samclip-precompute", log_prints=False, persist_result=True)
 def precompute_flow(profile: str = "smoke", overrides: list[str] | None = None) -> DataOutputs:
     config = load_config(profile, overrides)
     timings: dict[str, float] = {}
@@ -55,5 +57,6 @@ def precompute_flow(profile: str = "smoke", overrides: list[str] | None = None) 
         computed=features.computed,
         teachers=teachers,
         curate_counts=curated.counts,
+        ray=ray_info,
         timings=timings,
     )

@@ -3,6 +3,12 @@
 Steps that only read or write storage retry with backoff, because a retry of an idempotent
 write is safe. Compute steps do not retry blindly: Ray Train and Ray Data already retry failed
 workers, and every compute step resumes from what storage already holds when it is rerun.
+
+Compute steps are cached within one root flow run (``caching.STEP_CACHE``) and persist their
+results, so a flow retried after a late failure returns the completed steps' results instead
+of running them again. The accelerator-heavy steps carry the ``ACCELERATOR_TAG`` tag: a
+platform team bounds how many run at once across all flow runs with a tag concurrency limit,
+``prefect concurrency-limit create samclip-accelerator 1``. Without a limit the tag does nothing.
 """
 
 from __future__ import annotations
@@ -13,22 +19,27 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from samclip.config import PipelineConfig
+from samclip.workflows.caching import STEP_CACHE
 
 STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+ACCELERATOR_TAG = "samclip-accelerator"
+# persisted results are what a retried flow run reads back instead of rerunning a step
+CACHED = {"cache_policy": STEP_CACHE, "persist_result": True}
 
 
 @task(name="connect-ray")
 def connect_ray(config: PipelineConfig) -> dict[str, Any]:
-    from samclip.tasks.ray_cluster import init_ray
+    from samclip.tasks.ray_cluster import current_job_id, init_ray
 
     started = time.monotonic()
     info = init_ray(config.ray)
     info["seconds"] = round(time.monotonic() - started, 2)
+    info["job_id"] = current_job_id()
     get_run_logger().info("Ray %s at %s in %.1f s", info["started"], info["address"], info["seconds"])
     return info
 
 
-@task(name="prepare-teachers", **STORAGE_RETRIES)
+@task(name="prepare-teachers", **STORAGE_RETRIES, **CACHED)
 def prepare_teachers(config: PipelineConfig):
     from samclip.tasks.teachers import ensure_teachers
 
@@ -39,7 +50,7 @@ def prepare_teachers(config: PipelineConfig):
     return files
 
 
-@task(name="curate")
+@task(name="curate", **CACHED)
 def curate_images(config: PipelineConfig):
     from samclip.tasks.curate import curate
 
@@ -48,7 +59,7 @@ def curate_images(config: PipelineConfig):
     return result
 
 
-@task(name="precompute")
+@task(name="precompute", tags=[ACCELERATOR_TAG], **CACHED)
 def precompute_features(config: PipelineConfig, manifest_uri: str, teachers):
     from samclip.tasks.precompute import precompute
 
@@ -57,7 +68,7 @@ def precompute_features(config: PipelineConfig, manifest_uri: str, teachers):
     return result
 
 
-@task(name="train-stage")
+@task(name="train-stage", tags=[ACCELERATOR_TAG], **CACHED)
 def train_stage(config: PipelineConfig, stage: int, data, init_checkpoint: str | None, run_name: str):
     from samclip.tasks.train import run_stage
 
@@ -66,7 +77,7 @@ def train_stage(config: PipelineConfig, stage: int, data, init_checkpoint: str |
     return result
 
 
-@task(name="sweep")
+@task(name="sweep", tags=[ACCELERATOR_TAG], **CACHED)
 def sweep_stage2(config: PipelineConfig, data, stage1_checkpoint: str, name: str):
     from samclip.tasks.sweep import run_sweep
 
@@ -75,7 +86,7 @@ def sweep_stage2(config: PipelineConfig, data, stage1_checkpoint: str, name: str
     return result
 
 
-@task(name="evaluate")
+@task(name="evaluate", **CACHED)
 def evaluate_model(config: PipelineConfig, checkpoint_uri: str, manifest_uri: str, features: dict, name: str):
     from samclip.tasks.evaluate import evaluate
 
@@ -84,6 +95,8 @@ def evaluate_model(config: PipelineConfig, checkpoint_uri: str, manifest_uri: st
     return result
 
 
+# NOTE: a retry after MLflow created the version, but before the task returned, registers one
+# more version with the same files. The aliases then point at the newer one.
 @task(name="register", **STORAGE_RETRIES)
 def register_model(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict):
     from samclip.tasks.register import register
@@ -91,3 +104,13 @@ def register_model(config: PipelineConfig, checkpoint_uri: str, evaluation, line
     result = register(config, checkpoint_uri, evaluation, lineage)
     get_run_logger().info("registered %s version %s (@%s)", result.name, result.version, result.alias)
     return result
+
+
+@task(name="publish-artifacts", retries=2, retry_delay_seconds=5)
+def publish_artifacts(evaluation, sweep, registered) -> list[str]:
+    """Publish the evaluation table, links to overlays and plots, and the registered version."""
+    from samclip.workflows.artifacts import publish_run_artifacts
+
+    ids = publish_run_artifacts(evaluation, sweep, registered)
+    get_run_logger().info("published %d Prefect artifacts", len(ids))
+    return ids

@@ -25,7 +25,8 @@ class SweepOutputs:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@flow(name="samclip-sweep")
+# Completed runs persist their result, so a retried parent flow reuses this subflow's run.
+@flow(name="samclip-sweep", persist_result=True)
 def sweep_flow(profile: str = "smoke", overrides: list[str] | None = None) -> SweepOutputs:
     from samclip.tasks.train import StageData
 
