@@ -14,6 +14,10 @@ os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# The S3 tests talk to moto on loopback, which accepts any key. Ray workers read credentials
+# from their node's environment, so the session's local Ray must start with them set.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("SAMCLIP_RAY_TMPDIR", os.path.join(tempfile.gettempdir(), "samclip-ray-tests"))
 
 import samclip.tasks  # noqa: E402,F401  (sets Ray's loopback variables before ray is imported)

@@ -34,10 +34,11 @@ MEMBER_PATTERN = re.compile(
 
 # Variables that configure S3 access. A step copies them into its Ray workers' environment,
 # because workers of an already running cluster do not see the driver's later changes.
+# S3 settings passed on to Ray workers. Credentials are deliberately absent: Ray logs every
+# runtime_env with its values, so workers read AWS_ACCESS_KEY_ID and friends from their own
+# node's environment (inherited from the process that started a local Ray, or set on the
+# cluster's nodes, for example from a Kubernetes secret).
 S3_ENV_VARS = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_EC2_METADATA_DISABLED",
@@ -73,9 +74,10 @@ def configure_endpoint(endpoint_url: str | None) -> None:
 
 
 def worker_environment() -> dict[str, str]:
-    """Return the S3 settings of this process, to pass to Ray workers as ``runtime_env``.
+    """Return this process's non-secret S3 settings, to pass to Ray workers as ``runtime_env``.
 
     Only variables that are set are returned; an empty dict means the workers keep their own.
+    Credentials never travel this way (see ``S3_ENV_VARS``).
     """
     return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
 

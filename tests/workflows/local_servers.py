@@ -20,14 +20,6 @@ SECRET_ENV = {
 }
 
 
-# Ray's runtime-env agent logs every runtime_env it creates at INFO, env_vars included, and the
-# steps pass S3 credentials to Ray workers as runtime_env env_vars (storage.worker_environment).
-RAY_LOG_LEAK = (
-    "known leak: Ray's runtime_env_agent.log records the S3 credentials that the steps pass to "
-    "workers as runtime_env env_vars"
-)
-
-
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

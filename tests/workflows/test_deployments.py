@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from local_servers import (
     PLANTED_SECRET,
-    RAY_LOG_LEAK,
     SECRET_ENV,
     files_containing,
     free_port,
@@ -140,7 +139,6 @@ def test_deployment_leaks_no_secret(deployment_run):
     assert files_containing(folder, PLANTED_SECRET) == []
 
 
-@pytest.mark.xfail(strict=True, reason=RAY_LOG_LEAK)
 def test_deployment_ray_logs_no_secret(deployment_run):
     _, _, _, _, ray_temp_dir = deployment_run
     # the logs of the local Ray that the flow run started

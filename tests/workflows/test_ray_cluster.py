@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from local_servers import PLANTED_SECRET, RAY_LOG_LEAK, SECRET_ENV, files_containing, free_port
+from local_servers import PLANTED_SECRET, SECRET_ENV, files_containing, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +177,6 @@ def test_run_leaks_no_secret(two_node_run):
     assert files_containing(folder, PLANTED_SECRET) == []
 
 
-@pytest.mark.xfail(strict=True, reason=RAY_LOG_LEAK)
 def test_ray_logs_leak_no_secret(two_node_run):
     _, _, _, temp_dir = two_node_run
     assert files_containing(Path(temp_dir), PLANTED_SECRET) == []
