@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
         ("run", "run the whole pipeline: curate → precompute → stages 1-3 with the sweep → evaluate → register"),
         ("precompute", "curate the images and precompute the teachers' features"),
         ("sweep", "precompute (reused), stage 1, then the stage 2 sweep"),
+        ("compare", "precompute (reused), stage 1, then the teachers, naive distillation, Wise-FT and SAM-CLIP in one table"),
     ):
         _add_profile_arguments(commands.add_parser(name, help=help_text))
     verify = commands.add_parser(
@@ -145,6 +146,18 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from samclip.workflows.compare_flow import compare_flow
+
+    outputs = compare_flow(profile=args.profile, overrides=args.overrides)
+    result = outputs.comparison
+    print(f"comparison table  {result.table_md_uri}\ntrade-off plot    {result.plot_uri}\n")
+    from samclip.tasks import storage
+
+    print(storage.read_bytes(result.table_md_uri).decode())
+    return 0
+
+
 def _verify_registered(args: argparse.Namespace) -> int:
     import yaml
 
@@ -223,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _run,
         "precompute": _precompute,
         "sweep": _sweep,
+        "compare": _compare,
         "verify-registered": _verify_registered,
         "segment": _segment,
     }

@@ -19,6 +19,10 @@ _STAGE_INPUTS = {
 }
 
 
+# Sweep settings that do not change any trial's result.
+_SWEEP_NON_INPUTS = ("selection", "max_concurrent_trials", "cpus_per_trial_driver", "reserved_cpus")
+
+
 def digest(payload: object, length: int = 10) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
@@ -48,11 +52,11 @@ def stage_inputs(config: PipelineConfig, stage: int) -> dict[str, object]:
 def sweep_inputs(config: PipelineConfig) -> dict[str, object]:
     """Return the settings that determine a sweep's trials.
 
-    The winner selection is left out: it only reads the finished trials, so changing it reuses
-    the same sweep folder instead of training every trial again.
+    The winner selection and the resource settings are left out: they do not change what a
+    trial computes, so changing them reuses the same sweep folder instead of training again.
     """
     selected = _select(config, _STAGE_INPUTS[2])
-    selected["sweep"] = {k: v for k, v in selected["sweep"].items() if k != "selection"}  # type: ignore[union-attr]
+    selected["sweep"] = {k: v for k, v in selected["sweep"].items() if k not in _SWEEP_NON_INPUTS}  # type: ignore[union-attr]
     return selected
 
 

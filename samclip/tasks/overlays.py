@@ -74,3 +74,35 @@ def render_overlay(
     figure.savefig(buffer, format="png", dpi=90)
     plt.close(figure)
     return buffer.getvalue()
+
+
+def render_label_panels(image: np.ndarray, panels: list[tuple[str, np.ndarray]], class_names: list[str]) -> bytes:
+    """Draw the photo, then one panel per (title, (H, W) label map) over it; returns PNG bytes.
+
+    Labels outside [0, len(class_names)), such as -1 for background or 255 for ignored pixels,
+    are left transparent.
+    """
+    colours = _palette(max(len(class_names), 1))
+    figure, axes = plt.subplots(1, len(panels) + 1, figsize=(4 * (len(panels) + 1), 4.4))
+    axes[0].imshow(image)
+    axes[0].set_title("image", fontsize=9)
+    present: set[int] = set()
+    for axis, (title, labels) in zip(axes[1:], panels):
+        valid = (labels >= 0) & (labels < len(class_names))
+        layer = np.zeros((*labels.shape, 4))
+        layer[valid, :3] = colours[labels[valid]]
+        layer[valid, 3] = 0.55
+        axis.imshow(image)
+        axis.imshow(layer)
+        axis.set_title(title, fontsize=9)
+        present.update(int(c) for c in np.unique(labels[valid]))
+    handles = [Patch(color=colours[c], label=class_names[c]) for c in sorted(present)[:10]]
+    if handles:
+        axes[-1].legend(handles=handles, loc="lower left", fontsize=7, framealpha=0.7)
+    for axis in axes:
+        axis.axis("off")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return buffer.getvalue()

@@ -51,7 +51,10 @@ def test_pareto_front_marks_undominated():
 
 def test_concurrency_from_cluster_cpus(tmp_path):
     config = load_config("smoke", [f"storage.root={tmp_path}", "train.cpus_per_worker=0.5"])
-    assert max_concurrent_trials(config, 2.0) == 3  # 0.1 + 0.5 CPUs per trial
+    assert max_concurrent_trials(config, 2.0) == 1  # 0.1 + 0.5 CPUs per trial, 1 CPU kept for Ray Data
+    assert max_concurrent_trials(config, 4.0) == 5
+    config = load_config("smoke", [f"storage.root={tmp_path}", "train.cpus_per_worker=0.5", "sweep.reserved_cpus=0"])
+    assert max_concurrent_trials(config, 2.0) == 3
     config = load_config("smoke", [f"storage.root={tmp_path}", "sweep.max_concurrent_trials=1"])
     assert max_concurrent_trials(config, 16.0) == 1
 
@@ -94,3 +97,91 @@ def test_two_trial_sweep(ray_cluster, tmp_path):
     assert set(result.best["params"]) == {"sam_loss_weight", "lr_ratio"}
     assert result.best["score"] == max(row["score"] for row in result.trials)
     assert load_student(result.best["checkpoint_uri"]).embed_dim == EMBED_DIM
+
+
+# ---------------------------------------------------------------- search, concurrency, winner
+
+
+def test_grid_searcher_spaces_ranges():
+    from samclip.tasks.sweep import grid_values
+
+    space = build_search_space(
+        {"sam_loss_weight": SearchDim(kind="loguniform", low=1, high=100), "lr": SearchDim(kind="choice", values=[1e-5])},
+        searcher="grid",
+        grid_points=3,
+    )
+    assert space["sam_loss_weight"] == {"grid_search": [1.0, 10.0, 100.0]}
+    assert space["lr"] == {"grid_search": [1e-5]}
+    assert grid_values(SearchDim(kind="uniform", low=0.0, high=1.0), 3) == [0.0, 0.5, 1.0]
+
+
+def test_concurrency_limited_by_gpus(tmp_path):
+    config = load_config("smoke", [f"storage.root={tmp_path}", "train.use_gpu=true", "train.workers=2"])
+    assert max_concurrent_trials(config, {"CPU": 64.0, "GPU": 4.0}) == 2  # 2 GPUs per trial
+
+
+def _rows():
+    def row(trial, clip, sam, status="completed"):
+        return {
+            "trial_id": trial, "params": {"sam_loss_weight": 1.0}, "clip_objective": clip, "sam_objective": sam,
+            "status": status, "checkpoint": f"runs/trial-{trial}/c", "checkpoint_uri": f"/s/runs/trial-{trial}/c",
+        }  # fmt: skip
+
+    return [
+        row("a", 0.90, 0.80), row("b", 0.70, 0.97), row("c", 0.60, 0.99), row("d", 0.95, 0.99, "error"),
+        row("e", 0.99, 0.98, "stopped"),
+    ]  # fmt: skip
+
+
+def test_winner_by_weighted_score(tmp_path):
+    from samclip.tasks.sweep_report import annotate, select_winner
+
+    config = load_config("smoke", [f"storage.root={tmp_path}", "sweep.sam_weight=2.0"])
+    trials = _rows()
+    annotate(trials, config.sweep)
+    # the errored trial and the stopped one are left out unless include_stopped is set
+    assert [row["pareto"] for row in trials] == [True, True, True, False, False]
+    winner = select_winner(trials, config.sweep)
+    assert winner["trial_id"] == "b"  # scores: a 0.9 + 1.6 = 2.5, b 0.7 + 1.94 = 2.64, c 0.6 + 1.98 = 2.58
+    assert winner["score"] == pytest.approx(max(row["score"] for row in trials[:3]))
+    with_stopped = load_config("smoke", [f"storage.root={tmp_path}", "sweep.selection.include_stopped=true"])
+    assert select_winner(trials, with_stopped.sweep)["trial_id"] == "e"
+
+
+def test_winner_by_constraint(tmp_path):
+    from samclip.tasks.sweep_report import annotate, select_winner
+
+    config = load_config(
+        "smoke", [f"storage.root={tmp_path}", "sweep.selection.mode=constraint", "sweep.selection.min_sam=0.95"]
+    )
+    trials = _rows()
+    annotate(trials, config.sweep)
+    winner = select_winner(trials, config.sweep)
+    assert winner["trial_id"] == "b"  # best CLIP objective among SAM >= 0.95
+    assert "sam >= 0.95" in winner["rule"]
+
+    strict = load_config("smoke", [f"storage.root={tmp_path}", "sweep.selection.mode=constraint", "sweep.selection.min_sam=0.999"])
+    with pytest.raises(RuntimeError, match="no finished trial meets sam >= 0.999"):
+        select_winner(trials, strict.sweep)
+
+
+def test_constraint_needs_a_bound():
+    with pytest.raises(ValueError, match="needs min_clip or min_sam"):
+        load_config("smoke", ["sweep.selection.mode=constraint"])
+
+
+def test_expected_trials_count_grid(tmp_path):
+    from samclip.tasks.sweep import expected_trial_count
+
+    config = load_config("smoke", [f"storage.root={tmp_path}", "sweep.num_samples=2"])
+    assert expected_trial_count(config.sweep) == 2
+    config = load_config("smoke", [f"storage.root={tmp_path}", "sweep.searcher=grid", "sweep.grid_points=3"])
+    assert expected_trial_count(config.sweep) == 4 * 3 * 3  # the smoke profile's num_samples is 4
+
+
+def test_asha_rungs_from_config(tmp_path):
+    from samclip.tasks.sweep import asha_rungs
+
+    config = load_config("smoke", [f"storage.root={tmp_path}", "sweep.scheduler=asha", "train.stage2.epochs=4"])
+    assert asha_rungs(config) == [1.0, 2.0, 4.0, 5.0]  # grace 1, factor 2, max_t = epochs + 1
+    assert asha_rungs(load_config("smoke", [f"storage.root={tmp_path}"])) == []
