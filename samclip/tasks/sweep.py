@@ -201,6 +201,7 @@ def run_sweep(
 
     from samclip.tasks.naming import sweep_name
     from samclip.tasks.ray_cluster import init_ray
+    from samclip.tasks.train import prepare_mlflow
 
     started = time.perf_counter()
     init_ray(config.ray)
@@ -210,6 +211,8 @@ def run_sweep(
     storage.configure_endpoint(config.storage.endpoint_url)
     claim_folder(config, experiment_uri, name)
     filesystem, path = storage.pyarrow_filesystem(root, config.storage.endpoint_url)
+    if config.train.log_to_mlflow:
+        prepare_mlflow(config)  # before the trials start logging to it at the same time
 
     trainable = tune.with_parameters(
         _run_trial,

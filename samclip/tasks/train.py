@@ -205,12 +205,34 @@ def _mlflow_settings(config: PipelineConfig, run_name: str) -> dict[str, Any] | 
     location = config.resolve_uri(config.registry.artifact_root)
     if "://" not in location:
         location = "file://" + os.path.abspath(location)
+    _create_experiment(uri, config.registry.experiment, location)
     return {
         "tracking_uri": uri,
         "experiment": config.registry.experiment,
         "artifact_location": location,
         "run_name": run_name,
     }
+
+
+def prepare_mlflow(config: PipelineConfig) -> None:
+    """Create the MLflow store and experiment once, before concurrent runs log to it.
+
+    Sweep trials start at the same time; if each created a new SQLite store itself, they would
+    race on creating its tables.
+    """
+    _mlflow_settings(config, "prepare")
+
+
+def _create_experiment(tracking_uri: str, experiment: str, artifact_location: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    if client.get_experiment_by_name(experiment) is None:
+        try:
+            client.create_experiment(experiment, artifact_location=artifact_location)
+        except Exception as error:  # another process may have created it in between
+            if client.get_experiment_by_name(experiment) is None:
+                raise RuntimeError(f"could not create MLflow experiment {experiment!r} at {tracking_uri}") from error
 
 
 def _loop_settings(

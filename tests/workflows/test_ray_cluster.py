@@ -140,7 +140,10 @@ def two_node_run(tmp_path_factory):
         seconds = time.monotonic() - started
         (folder / "driver.log").write_text(done.stdout + "\n" + done.stderr)
         assert done.returncode == 0, (done.stdout + done.stderr)[-6000:]
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        # Ray's log monitor may print warnings after the driver's JSON line.
+        result_lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        assert result_lines, done.stdout[-6000:]
+        result = json.loads(result_lines[-1])
         result["seconds"] = seconds
         print(f"two-node pipeline run: {json.dumps(result)}")
         yield result, folder, root, temp_dir
