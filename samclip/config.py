@@ -72,6 +72,9 @@ class ClipTeacherConfig(Section):
     model: str = "samclip-tiny-clip"  # an open_clip model name, or the name in model_config
     model_config_path: str | None = "{root}/teachers/samclip-tiny-clip.json"  # open_clip JSON for custom models
     weights: str = "{root}/teachers/samclip-tiny-clip.bin"  # open_clip state dict (.bin/.pt/.safetensors)
+    # open_clip pretrained tag of those weights (e.g. "datacomp_xl_s13b_b90k"): its image
+    # normalisation is used and fingerprinted; None keeps the model config's own defaults
+    pretrained: str | None = None
     create_random: bool = True
 
 

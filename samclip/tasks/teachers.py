@@ -53,6 +53,7 @@ class TeacherFiles:
     clip_fingerprint: str
     clip_embed_dim: int  # D of the CLIP teacher's (D,) image embedding
     cache_dir: str
+    clip_pretrained: str | None = None  # OpenCLIP pretrained tag whose preprocessing applies
     # what each fingerprint hashes, for lineage records
     sam_fingerprint_inputs: dict[str, Any] = field(default_factory=dict, compare=False)
     clip_fingerprint_inputs: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -163,7 +164,9 @@ def ensure_teachers(config: PipelineConfig) -> TeacherFiles:
     weights_path = local_copy(weights_uri, cache_dir)
     config_path = local_copy(config_uri, cache_dir) if config_uri else None
     sam_inputs = _sam_fingerprint_inputs(sam_path, teachers.sam.variant)
-    clip_inputs, clip_embed_dim = _clip_fingerprint_inputs(clip.model, weights_path, config_path)
+    clip_inputs, clip_embed_dim = _clip_fingerprint_inputs(
+        clip.model, weights_path, config_path, clip.pretrained
+    )
     files = TeacherFiles(
         sam_variant=teachers.sam.variant,
         sam_checkpoint_uri=sam_uri,
@@ -177,6 +180,7 @@ def ensure_teachers(config: PipelineConfig) -> TeacherFiles:
         clip_fingerprint=fingerprint(clip_inputs),
         clip_embed_dim=clip_embed_dim,
         cache_dir=cache_dir,
+        clip_pretrained=clip.pretrained,
         sam_fingerprint_inputs=sam_inputs,
         clip_fingerprint_inputs=clip_inputs,
     )
@@ -199,7 +203,9 @@ def load_clip_teacher_from(files: TeacherFiles):
     from samclip.model.clip_teacher import load_clip_teacher
 
     local = files.localised()
-    return load_clip_teacher(local.clip_model, local.clip_weights, local.clip_model_config)
+    return load_clip_teacher(
+        local.clip_model, local.clip_weights, local.clip_model_config, pretrained=local.clip_pretrained
+    )
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
@@ -274,12 +280,12 @@ def _sam_fingerprint_inputs(checkpoint: str, variant: str) -> dict[str, Any]:
 
 
 def _clip_fingerprint_inputs(
-    model: str, weights: str, model_config: str | None
+    model: str, weights: str, model_config: str | None, pretrained: str | None = None
 ) -> tuple[dict[str, Any], int]:
     from samclip.model.clip_teacher import load_clip_teacher
 
     # Loading the teacher reads OpenCLIP's preprocessing config and checks that the files fit.
-    teacher = load_clip_teacher(model, weights, model_config)
+    teacher = load_clip_teacher(model, weights, model_config, pretrained=pretrained)
     config_text = None
     if model_config is not None:
         with open(model_config, encoding="utf-8") as handle:
@@ -290,6 +296,8 @@ def _clip_fingerprint_inputs(
         "model_config": config_text,
         "preprocess_cfg": _jsonable(teacher.preprocess_cfg),
     }
+    if pretrained:
+        inputs["pretrained"] = pretrained
     return inputs, int(teacher.embed_dim)
 
 
