@@ -95,9 +95,10 @@ def evaluate_model(config: PipelineConfig, checkpoint_uri: str, manifest_uri: st
     return result
 
 
-# NOTE: a retry after MLflow created the version, but before the task returned, registers one
-# more version with the same files. The aliases then point at the newer one.
-@task(name="register", **STORAGE_RETRIES)
+# Registering is not idempotent (each call creates a model version), so the task does not retry
+# on its own. NOTE: a retry of the whole flow after MLflow created the version, but before the
+# task returned, registers one more version with the same files.
+@task(name="register")
 def register_model(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict):
     from samclip.tasks.register import register
 
