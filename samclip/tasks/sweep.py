@@ -213,6 +213,8 @@ def run_sweep(
     filesystem, path = storage.pyarrow_filesystem(root, config.storage.endpoint_url)
     if config.train.log_to_mlflow:
         prepare_mlflow(config)  # before the trials start logging to it at the same time
+    # NOTE: Ray Tune 2.60 copies the driver's AWS_* credentials into every trial's runtime_env,
+    # which Ray's runtime-env agent writes to its log; keep Ray's session logs private.
 
     trainable = tune.with_parameters(
         _run_trial,
