@@ -16,6 +16,9 @@ overwriting the folder. Restoring reads the folder where it lies now, so it may 
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import logging
 import math
 import time
@@ -182,6 +185,31 @@ def claim_folder(config: PipelineConfig, experiment_uri: str, name: str) -> None
     )
 
 
+# Ray Tune 2.60 copies these from the driver's environment into every trial's runtime_env
+# (ray/tune/execution/class_cache.py), and Ray's runtime-env agent logs runtime_envs with their
+# values. Trials read credentials from their own node's environment instead.
+_TUNE_PROPAGATED_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SECURITY_TOKEN",
+    "AWS_SESSION_TOKEN",
+)
+
+
+@contextlib.contextmanager
+def _credentials_hidden_from_tune():
+    """Remove the AWS credentials from this process's environment while Tune starts trials.
+
+    The driver's own S3 clients already hold their credentials (created before the sweep), and
+    the variables are restored afterwards, even on errors.
+    """
+    saved = {name: os.environ.pop(name) for name in _TUNE_PROPAGATED_CREDENTIALS if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
 def run_sweep(
     config: PipelineConfig,
     data: StageData,
@@ -213,8 +241,6 @@ def run_sweep(
     filesystem, path = storage.pyarrow_filesystem(root, config.storage.endpoint_url)
     if config.train.log_to_mlflow:
         prepare_mlflow(config)  # before the trials start logging to it at the same time
-    # NOTE: Ray Tune 2.60 copies the driver's AWS_* credentials into every trial's runtime_env,
-    # which Ray's runtime-env agent writes to its log; keep Ray's session logs private.
 
     trainable = tune.with_parameters(
         _run_trial,
@@ -257,7 +283,8 @@ def run_sweep(
                 name=name, storage_path=path, storage_filesystem=filesystem, callbacks=callbacks
             ),
         )
-    grid = tuner.fit()
+    with _credentials_hidden_from_tune():
+        grid = tuner.fit()
 
     trials = []
     rungs = asha_rungs(config)

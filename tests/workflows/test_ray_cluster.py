@@ -180,11 +180,6 @@ def test_run_leaks_no_secret(two_node_run):
     assert files_containing(folder, PLANTED_SECRET) == []
 
 
-# Ray Tune 2.60 copies AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and the session tokens from the
-# driver's environment into each trial's runtime_env (ray/tune/execution/class_cache.py), and
-# Ray's runtime-env agent logs runtime_envs with their values. Not strict: it passes once the
-# sweep keeps credentials out of the driver's environment while trials start.
-@pytest.mark.xfail(reason="Ray Tune propagates the driver's AWS_* variables into trial runtime_envs")
 def test_ray_logs_leak_no_secret(two_node_run):
     _, _, _, temp_dir = two_node_run
     assert files_containing(Path(temp_dir), PLANTED_SECRET) == []
