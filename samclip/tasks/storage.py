@@ -8,6 +8,7 @@ never leaves a truncated file that looks valid, and a rerun can trust that what 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -166,22 +167,32 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _local_commit(path: str):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name starts with ``TMP_PREFIX``, so listings skip it, and it is removed on
+    any error, so a failed write never leaves a file at the final name.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write bytes to a URI atomically: the final key exists only once all bytes are there."""
     fs, path = filesystem(uri)
     if _is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with _local_commit(path) as tmp, open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
     else:
         # One PUT of the whole object: S3 never exposes a partial object at its key.
         fs.pipe_file(path, data)
@@ -241,15 +252,8 @@ def put_file(local: str, uri: str) -> None:
     """Copy a local file to a URI atomically, streaming it rather than holding it in memory."""
     fs, path = filesystem(uri)
     if _is_local(fs):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
-        try:
+        with _local_commit(path) as tmp:
             shutil.copyfile(local, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     else:
         # s3fs uploads large files in parts; S3 shows the object only after the upload completes.
         fs.put_file(local, path)
@@ -258,15 +262,8 @@ def put_file(local: str, uri: str) -> None:
 def get_file(uri: str, local: str) -> None:
     """Download a URI to a local path atomically: the path exists only once the copy is whole."""
     fs, path = filesystem(uri)
-    folder = os.path.dirname(os.path.abspath(local))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(local)}")
-    try:
+    with _local_commit(local) as tmp:
         fs.get_file(path, tmp)
-        os.replace(tmp, local)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def file_info(uri: str) -> dict[str, Any]:
