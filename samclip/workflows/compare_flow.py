@@ -38,16 +38,10 @@ def compare_models(config: PipelineConfig, data, stage1_checkpoint: str, feature
 
 @flow(name="samclip-compare")
 def compare_flow(profile: str = "smoke", overrides: list[str] | None = None) -> CompareOutputs:
-    from samclip.tasks.train import StageData
-
     config = load_config(profile, overrides)
     data = precompute_flow(profile, overrides)
     timings = dict(data.timings)
-    stage_data = StageData(
-        manifest_uri=data.manifest_uri,
-        clip_features_dir=data.features["clip"],
-        sam_features_dir=data.features["sam"],
-    )
+    stage_data = data.stage_data()
 
     started = time.monotonic()
     stage1 = steps.train_stage(config, 1, stage_data, None, stage_run_name(config, 1))

@@ -37,8 +37,6 @@ class PipelineOutputs:
 
 @flow(name="samclip-pipeline", retries=1, retry_delay_seconds=60, persist_result=True)
 def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) -> PipelineOutputs:
-    from samclip.tasks.train import StageData
-
     flow_started = time.time()
     config = load_config(profile, overrides)
     config_uri = config.uri("config.yaml")
@@ -47,11 +45,7 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
     swept = sweep_flow(profile, overrides)
     timings = dict(swept.timings)
     data = swept.data
-    stage_data = StageData(
-        manifest_uri=data.manifest_uri,
-        clip_features_dir=data.features["clip"],
-        sam_features_dir=data.features["sam"],
-    )
+    stage_data = data.stage_data()
     best_checkpoint = swept.sweep.best["checkpoint_uri"]
 
     stage3 = None

@@ -27,6 +27,16 @@ class DataOutputs:
     ray: dict[str, Any] = field(default_factory=dict)  # address, job_id, how Ray was reached
     timings: dict[str, float] = field(default_factory=dict)
 
+    def stage_data(self):
+        """Return the training stages' view of these outputs (``samclip.tasks.train.StageData``)."""
+        from samclip.tasks.train import StageData
+
+        return StageData(
+            manifest_uri=self.manifest_uri,
+            clip_features_dir=self.features["clip"],
+            sam_features_dir=self.features["sam"],
+        )
+
 
 # Completed runs persist their result, so a retried parent flow reuses this subflow's run.
 @flow(name="samclip-precompute", log_prints=False, persist_result=True)

@@ -28,16 +28,10 @@ class SweepOutputs:
 # Completed runs persist their result, so a retried parent flow reuses this subflow's run.
 @flow(name="samclip-sweep", persist_result=True)
 def sweep_flow(profile: str = "smoke", overrides: list[str] | None = None) -> SweepOutputs:
-    from samclip.tasks.train import StageData
-
     config = load_config(profile, overrides)
     data = precompute_flow(profile, overrides)
     timings = dict(data.timings)
-    stage_data = StageData(
-        manifest_uri=data.manifest_uri,
-        clip_features_dir=data.features["clip"],
-        sam_features_dir=data.features["sam"],
-    )
+    stage_data = data.stage_data()
 
     started = time.monotonic()
     stage1 = steps.train_stage(config, 1, stage_data, None, stage_run_name(config, 1))
