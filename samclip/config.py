@@ -366,5 +366,5 @@ def load_config(profile: str = "smoke", overrides: list[str] | None = None) -> P
 
 
 def dump_config(config: PipelineConfig) -> str:
-    """Render the resolved config as YAML (it holds no credentials: those come from the environment)."""
+    """Render the resolved config as YAML. It contains no credentials, because those come from the environment."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-# Prefect, MLflow and Ray write into the home folder unless told otherwise; keep every test
-# session's state in one temporary folder. Set before any of them is imported.
+# Prefect, MLflow and Ray write into the home folder by default, so every test session keeps
+# their state in one temporary folder. These are set before any of them is imported.
 _SESSION_HOME = tempfile.mkdtemp(prefix="samclip-tests-")
 os.environ.setdefault("PREFECT_HOME", os.path.join(_SESSION_HOME, "prefect"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
