@@ -4,8 +4,10 @@ Usage: python benchmarks/bench_precompute.py [--images N] [--batch-size B] [--th
 
 Both runs encode the same curated images with the same teachers (the smoke profile's tiny SAM
 and CLIP), the same batch size and the same torch thread count, and write the same feature
-shards. The plain loop calls precompute's own ``TeacherEncoder`` and ``write_shard`` in one
-process, so the difference is what Ray Data adds or overlaps.
+shards. The plain loop calls precompute's own ``decode_batch``, ``TeacherEncoder`` and
+``write_shard`` in one process, so the difference is what Ray Data adds or overlaps. Ray Data
+runs the decode tasks beside the encoder actor, on the CPU that the actor leaves free, while
+the plain loop decodes and encodes in turn.
 
 Each is run on N and on 4N images. Throughput is reported end to end (N images) and marginal,
 3N / (t(4N) - t(N)), which cancels fixed costs such as Ray actor start-up and teacher loading.
@@ -13,6 +15,10 @@ Peak memory is the sum of the resident set sizes of this process and all its des
 (the local Ray's processes), sampled every 0.1 s. MFU is the teachers' forward FLOPs (counted
 with torch.utils.flop_counter) per second of the Ray run, over the fp32 matmul rate measured
 here with the same thread count.
+
+The plain loop then runs again with the teachers under bfloat16 autocast
+(``precompute.compute_dtype``), and the benchmark prints its marginal speed and the largest
+deviation of its stored features from the float32 ones, over the 4N images.
 
 The last line is ``precompute_ratio=<ray/plain> rss_growth=<peak at 4N / peak at N> mfu=<fraction>``.
 """
@@ -35,7 +41,15 @@ import samclip.tasks  # noqa: F401  (sets Ray's loopback variables before ray is
 from samclip.config import PipelineConfig
 from samclip.tasks import storage
 from samclip.tasks.curate import curate
-from samclip.tasks.precompute import KINDS, TeacherEncoder, feature_layout, precompute, write_shard
+from samclip.tasks.features import read_features
+from samclip.tasks.precompute import (
+    KINDS,
+    TeacherEncoder,
+    decode_batch,
+    feature_layout,
+    precompute,
+    write_shard,
+)
 from samclip.tasks.teachers import ensure_teachers
 
 IMAGE_SIZE = (320, 240)  # (width, height) of the generated photos-sized noise images
@@ -85,7 +99,20 @@ def main() -> None:
         f"{peak / 1e9:.1f} GFLOP/s fp32 with {args.threads} thread(s); achieved "
         f"{flops * ray_rate / 1e9:.2f} GFLOP/s"
     )
-    print("bf16 teachers: not offered (teachers run in fp32; features are stored as float16)")
+    bf16_seconds = {
+        label: _plain_loop(config, manifest_uri, teachers, args.threads, "bfloat16")
+        for label, (config, manifest_uri) in configs.items()
+    }
+    bf16_rate = extra / (bf16_seconds["4N"] - bf16_seconds["N"])
+    deviations = _feature_deviation(configs["4N"][0].storage.root, teachers)
+    print(
+        f"bf16 teachers, plain loop: marginal {bf16_rate:.2f} images/s "
+        f"({bf16_rate / plain_rate:.2f}x fp32); largest |bf16 - fp32| of the stored features: "
+        + ", ".join(
+            f"{kind} {deviation:.4g} ({deviation / scale:.2%} of max |fp32| {scale:.3g})"
+            for kind, (deviation, scale) in deviations.items()
+        )
+    )
     print(f"peak rss: N {peaks['N'] / 2**20:.0f} MiB, 4N {peaks['4N'] / 2**20:.0f} MiB")
     print(
         f"precompute_ratio={ray_rate / plain_rate:.3f} rss_growth={peaks['4N'] / peaks['N']:.3f} "
@@ -137,7 +164,13 @@ def _prepare(work: str, label: str, count: int, args) -> tuple[PipelineConfig, s
     return config, curate(config).manifest_uri
 
 
-def _plain_loop(config: PipelineConfig, manifest_uri: str, teachers, threads: int) -> float:
+def _plain_loop(
+    config: PipelineConfig,
+    manifest_uri: str,
+    teachers,
+    threads: int,
+    compute_dtype: str = "float32",
+) -> float:
     """Encode and write every image of a manifest in this process; return the seconds."""
     started = time.perf_counter()
     manifest = storage.read_parquet(manifest_uri, columns=["hash", "uri"])
@@ -149,17 +182,38 @@ def _plain_loop(config: PipelineConfig, manifest_uri: str, teachers, threads: in
     batch_size = config.precompute.batch_size
     for kind in KINDS:
         layout = feature_layout(kind, teachers, config.precompute.dtype)
-        folder = os.path.join(config.storage.root, "plain", kind)
-        encoder = TeacherEncoder(kind, teachers, layout, threads, limits, None)
+        folder = _plain_folder(config.storage.root, compute_dtype, kind)
+        encoder = TeacherEncoder(kind, teachers, layout, threads, None, compute_dtype)
         pending: list[pa.Table] = []
         for start in range(0, manifest.num_rows, batch_size):
-            pending.append(encoder(manifest.slice(start, batch_size)))
+            pending.append(encoder(decode_batch(manifest.slice(start, batch_size), limits, None)))
             if sum(table.num_rows for table in pending) >= config.precompute.rows_per_shard:
                 write_shard(pa.concat_tables(pending), folder, layout, None)
                 pending = []
         if pending:
             write_shard(pa.concat_tables(pending), folder, layout, None)
     return time.perf_counter() - started
+
+
+def _plain_folder(root: str, compute_dtype: str, kind: str) -> str:
+    return os.path.join(root, f"plain-{compute_dtype}", kind)
+
+
+def _feature_deviation(root: str, teachers) -> dict[str, tuple[float, float]]:
+    """Return, per teacher, max |bf16 - fp32| over every stored feature value, and max |fp32|."""
+    deviations = {}
+    for kind in KINDS:
+        exact = read_features(_plain_folder(root, "float32", kind))
+        approximate = read_features(_plain_folder(root, "bfloat16", kind))
+        assert exact.keys() == approximate.keys(), kind
+        deviation = scale = 0.0
+        for key, array in exact.items():
+            reference = array.astype(np.float32)
+            difference = np.abs(approximate[key].astype(np.float32) - reference)
+            deviation = max(deviation, float(difference.max()))
+            scale = max(scale, float(np.abs(reference).max()))
+        deviations[kind] = (deviation, scale)
+    return deviations
 
 
 def _flops_per_image(teachers, threads: int) -> float:

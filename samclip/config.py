@@ -28,6 +28,9 @@ class StorageConfig(Section):
     root: str = "runs/smoke"  # every output goes under this URI: a local path, file://, or s3://
     endpoint_url: str | None = None  # S3-compatible endpoint; credentials come from the standard AWS_* variables
     region: str | None = None
+    # curate and precompute remove temporary files (.tmp-*) that a killed writer left in the
+    # folders they write, once older than this many seconds. None keeps them all.
+    stale_temp_age_s: float | None = Field(3600.0, ge=0)
 
     @field_validator("root")
     @classmethod
@@ -96,7 +99,13 @@ class PrecomputeConfig(Section):
     batch_size: int = Field(8, ge=1)
     actors: int = Field(1, ge=1)  # Ray Data actor pool size per teacher
     cpus_per_actor: float = Field(1.0, gt=0)
+    # CPUs per Ray Data task that reads, hash-checks and decodes images ahead of the encoders.
+    # Ray Data runs as many such tasks as the CPUs left beside the actor pool allow.
+    decode_cpus: float = Field(0.5, gt=0)
     dtype: Literal["float16", "float32"] = "float16"  # storage dtype of the features
+    # dtype of the teachers' forward pass (torch.autocast for bfloat16). It is part of the
+    # feature folder's name, so features of bfloat16 and float32 never share a folder.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     rows_per_shard: int = Field(256, ge=1)
     features_root: str = "{root}/features"  # feature folders are keyed by teacher fingerprint, so runs can share one root
 
@@ -232,6 +241,7 @@ class EvaluateConfig(Section):
     classification: str | None = None  # ImageFolder root, or a .parquet/.csv table of (image, label)
     segmentation: str | None = None  # VOC-style root: JPEGImages/, SegmentationClass/, classes.txt
     segmentation_split: str | None = None  # name of ImageSets/Segmentation/{split}.txt; None: every mask
+    segmentation_images: str | None = None  # folder of the segmentation images; None: JPEGImages under the root
     instances: str | None = None  # COCO instances JSON
     instance_images: str | None = None  # folder of the COCO images; None: "images" beside the JSON's folder
     dataset_seg_resolution: int = Field(448, ge=16)  # zero-shot segmentation input side (448 in the paper)
@@ -283,6 +293,25 @@ class RegisterConfig(Section):
     gates: PromotionGates = PromotionGates()
 
 
+class TestbedConfig(Section):
+    """The shapes testbed: procedural scenes with ground truth, and the two teachers trained on them.
+
+    A profile that sets this section writes the scenes and trains the teachers (each a Ray Train
+    job, reused while its settings stay the same) before curation. The trained files go to the
+    locations that the ``teachers`` section names, so the rest of the run loads them as usual.
+    """
+
+    folder: str = "{root}/testbed/scenes"  # local folder of the written scenes
+    seed: int = Field(0, ge=0)
+    count: int = Field(2000, ge=1)  # scenes written for the pipeline (curation, distillation, evaluation)
+    size: int = Field(128, ge=16)  # pixels per side
+    val_fraction: float = Field(0.2, ge=0, lt=1)  # held out by content hash, as curation does
+    cpus_per_teacher: float = Field(1.0, gt=0)  # Ray CPUs (and torch threads) of each teacher's job
+    # settings of samclip.testbed.train_clip.ClipTrainConfig and train_sam.SamTrainConfig
+    clip: dict[str, Any] = Field(default_factory=dict)
+    sam: dict[str, Any] = Field(default_factory=dict)
+
+
 class PipelineConfig(Section):
     profile: str = "smoke"
     description: str = ""
@@ -298,6 +327,20 @@ class PipelineConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     compare: CompareConfig = CompareConfig()
     registry: RegisterConfig = RegisterConfig()
+    testbed: TestbedConfig | None = None  # set by the shapes profile; None everywhere else
+
+    @model_validator(mode="after")
+    def _expand_root_in_locations(self) -> PipelineConfig:
+        """Expand ``{root}`` in the data and evaluation locations, as the teacher locations allow."""
+        for section, names in (
+            (self.data, ("source", "labels")),
+            (self.evaluate, ("classification", "segmentation", "segmentation_images", "instances", "instance_images")),
+        ):
+            for name in names:
+                value = getattr(section, name)
+                if isinstance(value, str) and "{root}" in value:
+                    setattr(section, name, self.resolve_uri(value))
+        return self
 
     def resolve_uri(self, template: str) -> str:
         """Expand ``{root}`` in a configured location to the storage root."""

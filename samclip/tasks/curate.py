@@ -2,8 +2,10 @@
 
 Ray Data reads and decode-checks every listed file in parallel, through the same
 ``decode_image`` that precompute, training and evaluation use, so an image that passes here
-decodes everywhere. The driver then makes every choice from content hashes only, so a rerun
-over the same files gives the same manifest whatever order the store lists them in:
+decodes everywhere. The check rows stream to local files bucketed by hash prefix (see
+``samclip.tasks.curate_select``), so the driver's memory does not grow with the number of
+images. Every choice is made from content hashes only, so a rerun over the same files gives
+the same manifest whatever order the store lists them in:
 
 - duplicates: of files with equal bytes the lexicographically first URI stays (members of one
   shard in their order in the shard);
@@ -21,22 +23,30 @@ the accepted images under ``annotations/`` (see ``samclip.tasks.sources_sa1b``).
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from samclip.config import DataConfig, PipelineConfig
 from samclip.tasks import sources_sa1b, sources_webdataset, storage
+from samclip.tasks.curate_select import (
+    CheckSpool,
+    ParquetStream,
+    merge_sorted_runs,
+    OutputTally,
+    describe_histogram,
+    select_bucket,
+    write_sorted_run,
+)
+from samclip.tasks.curate_select import hash_fraction as _fraction
 from samclip.tasks.image_checks import (
-    CHECK_SCHEMA,
     REASON_UNREADABLE,
     check_image_bytes,
     rows_to_table,
@@ -51,8 +61,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 CHECK_BATCH_SIZE = 32  # files per Ray Data batch; decoding dominates, so batches stay small
 MAX_BLOCKS = 1000
 PROGRESS_EVERY_S = 10.0
-REASON_DUPLICATE = "duplicate"
-SHARDS_PER_BATCH = 1  # WebDataset shards per Ray Data batch; a shard holds thousands of images
+SHARDS_PER_BATCH = 1  # tar shards per Ray Data batch; a shard contains thousands of images
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -89,6 +98,7 @@ def curate(config: PipelineConfig) -> CurateResult:
     data = config.data
     started = time.perf_counter()
     storage.configure_endpoint(config.storage.endpoint_url)
+    storage.remove_stale_temp_files(config.uri("curate"), config.storage.stale_temp_age_s)
 
     # list the source
     layout = data.layout
@@ -106,7 +116,7 @@ def curate(config: PipelineConfig) -> CurateResult:
         layout, uris, skipped = list_source(data.source, data.layout)
         logger.info(
             "listed %d %s under %s (layout %s; %d other files skipped)",
-            len(uris), "shards" if layout == "webdataset" else "images", data.source, layout,
+            len(uris), "shards" if layout == "webdataset" else "files", data.source, layout,
             skipped,
         )
         if layout == "webdataset":
@@ -119,75 +129,114 @@ def curate(config: PipelineConfig) -> CurateResult:
             f"or .tar shards); set data.source to a folder or prefix that contains images"
         )
 
-    # decode-check every file (or every member of every shard) with Ray Data
+    # decode-check every file (or every member of every shard) with Ray Data, spooling the
+    # check rows to local bucket files so that the driver never keeps them all in memory
     init_ray(config.ray)
     annotations_dir = config.uri("curate", "annotations") if layout == "sa1b" else None
-    checked = _check_images(uris, data, config.storage.endpoint_url, layout, annotations_dir)
-    if data.labels:
-        labels.update(
-            _label_lookup([row["uri"] for row in checked], read_labels(data.labels), label_base)
+    label_table = read_labels(data.labels) if data.labels else {}
+    with tempfile.TemporaryDirectory(prefix="samclip-curate-") as staging:
+        spool = CheckSpool(staging)
+        _check_images(uris, data, config.storage.endpoint_url, layout, annotations_dir, spool)
+        spool.close()
+
+        # decide bucket by bucket, from hashes only, and write the outputs
+        result = CurateResult(
+            manifest_uri=config.uri("curate", "manifest.parquet"),
+            rejects_uri=config.uri("curate", "rejects.parquet"),
+            summary_uri=config.uri("curate", "summary.json"),
+            layout=layout,
+            annotations_uri=annotations_dir,
         )
+        if layout == "webdataset":
+            result.captions_uri = config.uri("curate", "captions.parquet")
+        tally = _write_tables(config, spool, staging, result, labels, label_table, label_base)
 
-    # decide on the driver, from hashes only
-    accepted, rejects = _split_rejects(checked)
-    unique, duplicates = _deduplicate(accepted)
-    rejects.extend(duplicates)
-    sampled = [row for row in unique if _fraction(row["hash"], 0, 8) < data.sample_fraction]
-    sampled.sort(key=lambda row: row["hash"])
-    limited = sampled[: data.limit] if data.limit is not None else sampled
-
-    manifest_rows = [
-        {
-            "hash": row["hash"],
-            "uri": row["uri"],
-            "width": row["width"],
-            "height": row["height"],
-            "split": "val" if _fraction(row["hash"], 8, 16) < data.val_fraction else "train",
-            "label": labels.get(row["uri"]),
-            "source": data.source,
-        }
-        for row in limited
-    ]
-    rejects.sort(key=lambda row: (row["uri"], row["reason"]))
-
-    # write the outputs
     seconds = time.perf_counter() - started
-    sampled_out = len(unique) - len(sampled)
-    listed = len(checked)  # image files, or image members of shards plus unreadable shards
-    counts = _counts(listed, manifest_rows, rejects, sampled_out, len(sampled) - len(limited))
-    summary = _summary(config, counts, manifest_rows, limited, seconds)
+    result.counts = tally.counts(listed=spool.rows)
+    summary = _summary(config, result.counts, tally, seconds)
     summary["layout"] = layout
     if download_status:
         summary["download_status"] = download_status
-    result = CurateResult(
-        manifest_uri=config.uri("curate", "manifest.parquet"),
-        rejects_uri=config.uri("curate", "rejects.parquet"),
-        summary_uri=config.uri("curate", "summary.json"),
-        counts=counts,
-        layout=layout,
-        annotations_uri=annotations_dir,
-    )
-    if layout == "webdataset":
-        result.captions_uri = config.uri("curate", "captions.parquet")
-        captions = [
-            {"hash": row["hash"], "key": row["key"], "caption": row["caption"], "url": row["url"]}
-            for row in limited
-        ]
-        storage.write_parquet(
-            pa.Table.from_pylist(captions, schema=CAPTIONS_SCHEMA), result.captions_uri
-        )
     if annotations_dir is not None:
-        summary["annotations"] = int(sum(row["annotations"] or 0 for row in limited))
-    manifest = pa.Table.from_pylist(manifest_rows, schema=MANIFEST_SCHEMA)
-    storage.write_parquet(manifest, result.manifest_uri)
-    storage.write_parquet(pa.Table.from_pylist(rejects, schema=REJECTS_SCHEMA), result.rejects_uri)
+        summary["annotations"] = tally.annotations
     storage.write_json(result.summary_uri, summary)
+    if label_table:
+        logger.info("labels: %d of %d manifest images matched", tally.labelled, tally.accepted)
     logger.info(
         "curated %d images (%d train, %d val), %d rejected, in %.1f s; manifest %s",
-        counts["accepted"], counts["train"], counts["val"], counts["rejected"], seconds,
-        result.manifest_uri,
+        tally.accepted, tally.train, tally.val, tally.rejected, seconds, result.manifest_uri,
     )
     return result
+
+
+def _write_tables(
+    config: PipelineConfig,
+    spool: CheckSpool,
+    staging: str,
+    result: CurateResult,
+    labels: dict[str, str],
+    label_table: dict[str, str],
+    label_base: str,
+) -> OutputTally:
+    """Select each bucket's images and stream the manifest, captions and rejects to storage.
+
+    Buckets come in hash-prefix order and each is sorted by hash, so ``data.limit`` keeps the
+    smallest hashes of the whole sample, as one sort of every row would.
+    """
+    data = config.data
+    tally = OutputTally()
+    manifest = ParquetStream(
+        os.path.join(staging, "manifest.parquet"), result.manifest_uri, MANIFEST_SCHEMA
+    )
+    captions = None
+    if result.captions_uri is not None:
+        captions = ParquetStream(
+            os.path.join(staging, "captions.parquet"), result.captions_uri, CAPTIONS_SCHEMA
+        )
+    runs = []
+    remaining = data.limit
+    for bucket in spool.buckets():
+        selected, rejects, sampled_out = select_bucket(spool.read(bucket), data.sample_fraction)
+        tally.sampled_out += sampled_out
+        if remaining is not None:
+            tally.over_limit += max(0, len(selected) - remaining)
+            selected = selected[:remaining]
+            remaining -= len(selected)
+
+        found = _label_lookup([row["uri"] for row in selected], label_table, label_base)
+        rows = [
+            {
+                "hash": row["hash"],
+                "uri": row["uri"],
+                "width": row["width"],
+                "height": row["height"],
+                "split": "val" if _fraction(row["hash"], 8, 16) < data.val_fraction else "train",
+                "label": found.get(row["uri"], labels.get(row["uri"])),
+                "source": data.source,
+            }
+            for row in selected
+        ]
+        manifest.write_rows(rows)
+        tally.add_manifest(rows, selected)
+        if captions is not None:
+            captions.write_rows(
+                [{name: row[name] for name in CAPTIONS_SCHEMA.names} for row in selected]
+            )
+        if rejects:
+            runs.append(os.path.join(staging, f"rejects-{bucket}.parquet"))
+            write_sorted_run(rejects, runs[-1], REJECTS_SCHEMA)
+            tally.add_rejects(rejects)
+
+    # commit the tables
+    if captions is not None:
+        captions.commit()
+    manifest.commit()
+    rejected = ParquetStream(
+        os.path.join(staging, "rejects.parquet"), result.rejects_uri, REJECTS_SCHEMA
+    )
+    merge_sorted_runs(runs, rejected)
+    rejected.commit()
+    return tally
 
 
 def list_images(source: str) -> tuple[list[str], int]:
@@ -200,15 +249,18 @@ def list_images(source: str) -> tuple[list[str], int]:
 def list_source(source: str, layout: str = "auto") -> tuple[str, list[str], int]:
     """List what curation checks under a source: (layout, URIs, other files skipped).
 
-    The URIs are image files for the ``images`` and ``sa1b`` layouts, and tar shards for
-    ``webdataset``. ``auto`` picks webdataset when the source holds .tar files, sa1b when every
-    JPEG has a JSON of the same name beside it, and images otherwise.
+    The URIs are image files for ``images``, tar shards for ``webdataset``, and both for
+    ``sa1b`` (extracted images, and SA-1B's own tar shards). ``auto`` picks sa1b when every
+    .tar file is named like an SA-1B shard (``sa_000000.tar``), webdataset when there are other
+    .tar files, sa1b when every JPEG has a JSON of the same name beside it, and images
+    otherwise.
     """
     files = storage.list_files(source)
     shards = [uri for uri in files if uri.endswith(sources_webdataset.SHARD_SUFFIX)]
     if layout == "auto":
         if shards:
-            layout = "webdataset"
+            sa1b_shards = all(sources_sa1b.is_sa1b_shard(uri) for uri in shards)
+            layout = "sa1b" if sa1b_shards else "webdataset"
         elif sources_sa1b.is_sa1b_layout(files):
             layout = "sa1b"
         else:
@@ -216,6 +268,8 @@ def list_source(source: str, layout: str = "auto") -> tuple[str, list[str], int]
     if layout == "webdataset":
         return layout, shards, len(files) - len(shards)
     images = [uri for uri in files if uri.lower().endswith(IMAGE_EXTENSIONS)]
+    if layout == "sa1b":
+        images = sorted(images + shards)
     return layout, images, len(files) - len(images)
 
 
@@ -240,6 +294,8 @@ def read_labels(uri: str) -> dict[str, str]:
 
 
 def _label_lookup(uris: list[str], table: dict[str, str], base: str) -> dict[str, str]:
+    if not table:
+        return {}
     base_path = storage.filesystem(base)[1].rstrip("/") + "/"
     found = {}
     for uri in uris:
@@ -249,7 +305,6 @@ def _label_lookup(uris: list[str], table: dict[str, str], base: str) -> dict[str
             if key is not None and key in table:
                 found[uri] = table[key]
                 break
-    logger.info("labels: %d of %d images matched", len(found), len(uris))
     return found
 
 
@@ -278,13 +333,16 @@ def _check_images(
     uris: list[str],
     data: DataConfig,
     endpoint_url: str | None,
-    layout: str = "images",
-    annotations_dir: str | None = None,
-) -> list[dict[str, Any]]:
+    layout: str,
+    annotations_dir: str | None,
+    spool: CheckSpool,
+) -> None:
+    """Decode-check every listed file or archive with Ray Data, adding check rows to ``spool``."""
     import ray
 
     limits = {"max_pixels": data.max_pixels, "min_side": data.min_side, "max_aspect": data.max_aspect}
-    per_batch = SHARDS_PER_BATCH if layout == "webdataset" else CHECK_BATCH_SIZE
+    has_archives = any(uri.endswith(sources_webdataset.SHARD_SUFFIX) for uri in uris)
+    per_batch = SHARDS_PER_BATCH if has_archives else CHECK_BATCH_SIZE
     blocks = max(1, min(MAX_BLOCKS, math.ceil(len(uris) / per_batch)))
     dataset = ray.data.from_items([{"uri": uri} for uri in uris], override_num_blocks=blocks)
     if layout == "webdataset":
@@ -306,107 +364,28 @@ def _check_images(
     )
 
     started = last_log = time.perf_counter()
-    rows: list[dict[str, Any]] = []
     for batch in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-        rows.extend(batch.to_pylist())
+        spool.add(batch)
         now = time.perf_counter()
         if now - last_log >= PROGRESS_EVERY_S:
             last_log = now
             logger.info(
-                "checked %d/%d images (%.1f images/s)",
-                len(rows), len(uris), len(rows) / (now - started),
+                "checked %d images of %d listed %s (%.1f images/s)",
+                spool.rows, len(uris), "files and archives" if has_archives else "files",
+                spool.rows / (now - started),
             )
     elapsed = time.perf_counter() - started
     logger.info(
         "checked %d images in %.1f s (%.1f images/s)",
-        len(rows), elapsed, len(rows) / max(elapsed, 1e-9),
+        spool.rows, elapsed, spool.rows / max(elapsed, 1e-9),
     )
-    if layout != "webdataset" and len(rows) != len(uris):
-        raise RuntimeError(f"decode check returned {len(rows)} rows for {len(uris)} files")
-    return rows
-
-
-def _split_rejects(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    accepted, rejects = [], []
-    for row in rows:
-        if row["reason"] is None:
-            accepted.append(row)
-        else:
-            detail = row["detail"] or ""
-            rejects.append({"uri": row["uri"], "reason": row["reason"], "detail": detail})
-    return accepted, rejects
-
-
-def _deduplicate(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Keep the first URI of each hash (see ``_uri_order``); the others become rejects."""
-    first: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda row: _uri_order(row["uri"])):
-        first.setdefault(row["hash"], row)
-    duplicates = [
-        {
-            "uri": row["uri"],
-            "reason": REASON_DUPLICATE,
-            "detail": f"same bytes as {first[row['hash']]['uri']} (sha256 {row['hash'][:16]})",
-        }
-        for row in rows
-        if first[row["hash"]] is not row
-    ]
-    return list(first.values()), duplicates
-
-
-def _uri_order(uri: str) -> tuple[str, int, str]:
-    """Order files by URI, and members of one archive by their position in it."""
-    member = storage.parse_member_uri(uri)
-    if member is None:
-        return (uri, 0, "")
-    archive, offset, _, name = member
-    return (archive, offset, name)
-
-
-def _fraction(digest: str, start: int, stop: int) -> float:
-    """Map a slice of hex digits of a hash to [0, 1)."""
-    return int(digest[start:stop], 16) / 16 ** (stop - start)
-
-
-def _counts(
-    listed: int,
-    manifest: list[dict[str, Any]],
-    rejects: list[dict[str, Any]],
-    sampled_out: int,
-    over_limit: int,
-) -> dict[str, int]:
-    counts = {
-        "listed": listed,
-        "accepted": len(manifest),
-        "train": sum(row["split"] == "train" for row in manifest),
-        "val": sum(row["split"] == "val" for row in manifest),
-        "labelled": sum(row["label"] is not None for row in manifest),
-        "rejected": len(rejects),
-        "sampled_out": sampled_out,
-        "over_limit": over_limit,
-    }
-    for row in rejects:
-        key = f"rejected/{row['reason']}"
-        counts[key] = counts.get(key, 0) + 1
-    return counts
+    if not has_archives and spool.rows != len(uris):
+        raise RuntimeError(f"decode check returned {spool.rows} rows for {len(uris)} files")
 
 
 def _summary(
-    config: PipelineConfig,
-    counts: dict[str, int],
-    manifest: list[dict[str, Any]],
-    manifest_checks: list[dict[str, Any]],
-    seconds: float,
+    config: PipelineConfig, counts: dict[str, int], tally: OutputTally, seconds: float
 ) -> dict[str, Any]:
-    def describe(values: list[int]) -> dict[str, float] | None:
-        if not values:
-            return None
-        return {
-            "min": int(np.min(values)),
-            "median": float(np.median(values)),
-            "max": int(np.max(values)),
-        }
-
     by_reason = {
         key.split("/", 1)[1]: value for key, value in counts.items() if key.startswith("rejected/")
     }
@@ -414,9 +393,9 @@ def _summary(
         "source": config.data.source,
         "counts": counts,
         "rejected_by_reason": by_reason,
-        "manifest_bytes": int(sum(row["bytes"] for row in manifest_checks)),
-        "width": describe([row["width"] for row in manifest]),
-        "height": describe([row["height"] for row in manifest]),
+        "manifest_bytes": tally.manifest_bytes,
+        "width": describe_histogram(tally.widths),
+        "height": describe_histogram(tally.heights),
         "seconds": round(seconds, 3),
         "data_config": config.data.model_dump(mode="json"),
     }

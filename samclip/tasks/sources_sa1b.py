@@ -5,6 +5,12 @@ Each JSON holds ``image`` (``image_id``, ``width``, ``height``, ``file_name``) a
 ``counts``), ``bbox`` (XYWH, pixels), ``area``, ``point_coords`` ([[x, y]], the point that
 prompted the mask), ``predicted_iou`` and ``stability_score``.
 
+SA-1B is distributed as tar shards ``sa_000000.tar`` ... ``sa_000999.tar``, each holding about
+11k such pairs. Curation reads either form: the extracted files, or the shards themselves, each
+read once front to back by one Ray Data task. An image inside a shard is addressed by a member
+URI (``storage.member_uri``), so precompute and training read it with one ranged read and the
+shards never have to be extracted.
+
 Curation checks each image and its JSON together: the masks must have the decoded image's
 size, or the image is rejected, because a mask that does not line up with its pixels would
 teach SAM the wrong thing. The masks of accepted images go to Parquet parts under
@@ -17,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+import tarfile
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,8 +34,13 @@ import pyarrow as pa
 from samclip.model.rle import string_to_counts
 from samclip.tasks import storage
 from samclip.tasks.image_checks import check_image_bytes, rows_to_table, unreadable_row
+from samclip.tasks.sources_webdataset import REASON_CORRUPT_ARCHIVE, SHARD_SUFFIX, sample_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
+SHARD_NAME = re.compile(r"sa_\d+\.tar")  # the names Meta gives SA-1B's shards
+# Masks of one shard are committed in parts of about this many rows, so a task keeps at most
+# one part in memory. A whole SA-1B shard has about 11k images x 100 masks.
+MASK_ROWS_PER_PART = 20_000
 REASON_ANNOTATION_MISSING = "annotation_missing"
 REASON_ANNOTATION_INVALID = "annotation_invalid"
 REASON_ANNOTATION_MISMATCH = "annotation_mismatch"
@@ -61,6 +74,11 @@ def is_sa1b_layout(files: list[str]) -> bool:
     return bool(images) and all(annotation_uri(uri) in names for uri in images)
 
 
+def is_sa1b_shard(uri: str) -> bool:
+    """Tell whether a file is named like one of SA-1B's tar shards (``sa_000000.tar``)."""
+    return SHARD_NAME.fullmatch(uri.rsplit("/", 1)[-1]) is not None
+
+
 def check_sa1b_batch(
     batch: pa.Table,
     decode_limits: dict[str, Any],
@@ -69,14 +87,18 @@ def check_sa1b_batch(
 ) -> pa.Table:
     """Decode-check each image with its JSON and store the masks of the accepted ones (Ray Data UDF).
 
-    The masks of the batch go to one Parquet part named by the digest of its image hashes, so
-    a retried batch rewrites nothing. Returns one check row per image, with ``annotations``
-    set to the number of masks stored.
+    A URI is an extracted image (its JSON beside it) or a tar shard of such pairs. The masks go
+    to Parquet parts named by the digest of their image hashes, so a retried batch rewrites
+    nothing. Returns one check row per image, with ``annotations`` set to the number of masks
+    stored, and for a damaged shard one more row with reason ``corrupt_archive``.
     """
     storage.configure_endpoint(endpoint_url)
     rows: list[dict[str, Any]] = []
     masks: list[dict[str, Any]] = []
     for uri in batch.column("uri").to_pylist():
+        if uri.endswith(SHARD_SUFFIX):
+            rows.extend(_check_shard(uri, decode_limits, annotations_dir))
+            continue
         try:
             data = storage.read_bytes(uri)
         except OSError as error:
@@ -86,27 +108,101 @@ def check_sa1b_batch(
         rows.append(row)
         if row["reason"] is not None:
             continue
+        json_uri = annotation_uri(uri)
         try:
-            document = json.loads(storage.read_bytes(annotation_uri(uri)))
+            document = storage.read_bytes(json_uri)
         except FileNotFoundError:
             row["reason"] = REASON_ANNOTATION_MISSING
-            row["detail"] = f"{annotation_uri(uri)} not found"
+            row["detail"] = f"{json_uri} not found"
             continue
-        except (OSError, ValueError) as error:
+        except OSError as error:
             row["reason"] = REASON_ANNOTATION_INVALID
-            row["detail"] = f"{annotation_uri(uri)}: {type(error).__name__}: {error}"
+            row["detail"] = f"{json_uri}: {type(error).__name__}: {error}"
             continue
-        try:
-            image_masks = parse_annotations(document, row["hash"], row["height"], row["width"])
-        except _AnnotationError as error:
-            row["reason"], row["detail"] = error.reason, f"{annotation_uri(uri)}: {error.detail}"
-            continue
-        row["annotations"] = len(image_masks)
-        masks.extend(image_masks)
+        masks.extend(_attach_masks(row, document, json_uri))
 
     if masks:
         write_annotation_part(annotations_dir, masks)
     return rows_to_table(rows)
+
+
+def _check_shard(
+    shard: str, decode_limits: dict[str, Any], annotations_dir: str
+) -> list[dict[str, Any]]:
+    """Check every image of one SA-1B tar shard against the JSON of the same key in the shard.
+
+    The shard is streamed once. An accepted image waits for its JSON as a small check row, and
+    a JSON that comes first waits as bytes, so only unmatched documents are kept in memory.
+    """
+    rows: list[dict[str, Any]] = []
+    masks: list[dict[str, Any]] = []
+    waiting_rows: dict[str, dict[str, Any]] = {}  # key -> accepted row without its JSON yet
+    waiting_documents: dict[str, tuple[bytes, str]] = {}  # key -> (JSON bytes, member URI)
+    done: set[str] = set()
+
+    fs, path = storage.filesystem(shard)
+    try:
+        with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
+            # "r|" streams the shard once; each member's bytes must be read before the next.
+            for member in archive:
+                if not member.isfile():
+                    continue
+                key, extension = sample_key(member.name)
+                if f".{extension}" not in IMAGE_SUFFIXES and extension != "json":
+                    continue
+                payload = archive.extractfile(member)
+                data = payload.read() if payload is not None else b""
+                uri = storage.member_uri(shard, member.offset_data, member.size, member.name)
+                if extension == "json":
+                    if key in waiting_rows:
+                        masks.extend(_attach_masks(waiting_rows.pop(key), data, uri))
+                        done.add(key)
+                    elif key not in done:
+                        waiting_documents[key] = (data, uri)
+                else:
+                    row = check_image_bytes(uri, data, decode_limits)
+                    rows.append(row)
+                    if row["reason"] is not None:
+                        waiting_documents.pop(key, None)
+                        done.add(key)
+                    elif key in waiting_documents:
+                        masks.extend(_attach_masks(row, *waiting_documents.pop(key)))
+                        done.add(key)
+                    else:
+                        waiting_rows[key] = row
+                if len(masks) >= MASK_ROWS_PER_PART:
+                    write_annotation_part(annotations_dir, masks)
+                    masks = []
+    except (tarfile.TarError, EOFError, OSError) as error:
+        rows.append(unreadable_row(shard, error, REASON_CORRUPT_ARCHIVE))
+
+    for key, row in waiting_rows.items():
+        row["reason"] = REASON_ANNOTATION_MISSING
+        row["detail"] = f"{key}.json not found in {shard}"
+    if masks:
+        write_annotation_part(annotations_dir, masks)
+    return rows
+
+
+def _attach_masks(row: dict[str, Any], document: bytes, source: str) -> list[dict[str, Any]]:
+    """Parse an accepted image's JSON into mask rows and count them on its check row.
+
+    On an invalid or mismatched document the row gets that reason instead, and no masks are
+    returned. ``source`` names the JSON in the detail.
+    """
+    try:
+        parsed = json.loads(document)
+    except ValueError as error:
+        row["reason"] = REASON_ANNOTATION_INVALID
+        row["detail"] = f"{source}: {type(error).__name__}: {error}"
+        return []
+    try:
+        masks = parse_annotations(parsed, row["hash"], row["height"], row["width"])
+    except _AnnotationError as error:
+        row["reason"], row["detail"] = error.reason, f"{source}: {error.detail}"
+        return []
+    row["annotations"] = len(masks)
+    return masks
 
 
 class _AnnotationError(ValueError):

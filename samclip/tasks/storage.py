@@ -11,10 +11,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
+import time
 import uuid
+from datetime import datetime
 from urllib.parse import quote, unquote
 from functools import lru_cache
 from typing import Any
@@ -24,7 +27,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+logger = logging.getLogger(__name__)
+
 TMP_PREFIX = ".tmp-"
+# The temporary names that ``_local_commit`` gives: TMP_PREFIX, 32 hex digits of a uuid4, a
+# dash, then the final file name. Only names of this form are ever removed as stale.
+TMP_NAME_PATTERN = re.compile(re.escape(TMP_PREFIX) + r"[0-9a-f]{32}-.+")
 
 # A member of an archive (a WebDataset tar shard) is addressed as a byte range of the archive:
 # ``{archive_uri}#offset={first byte}&size={bytes}&member={percent-encoded name}``. A reader
@@ -286,6 +294,57 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
             continue
         found.append(_to_uri(uri, fs, name))
     return sorted(found)
+
+
+def remove_stale_temp_files(uri: str, older_than_s: float | None) -> list[str]:
+    """Remove the temporary files that killed writers left under a folder or prefix.
+
+    Only files named as ``_local_commit`` names them (``TMP_NAME_PATTERN``) and last modified
+    more than ``older_than_s`` seconds ago are removed, recursively. A running writer modifies
+    its temporary file as it writes and renames it right after the last write, so its file is
+    younger than any age of minutes or more. Committed files never match the pattern. Returns
+    the removed URIs. ``older_than_s`` None removes nothing.
+    """
+    if older_than_s is None:
+        return []
+    fs, path = filesystem(uri)
+    fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    cutoff = time.time() - older_than_s
+    removed = []
+    for name, info in fs.find(path, detail=True).items():
+        base = name.rsplit("/", 1)[-1]
+        if not TMP_NAME_PATTERN.fullmatch(base) or info.get("type") == "directory":
+            continue
+        modified = _modified_seconds(info)
+        if modified is None or modified > cutoff:
+            continue
+        try:
+            fs.rm_file(name)
+        except FileNotFoundError:
+            continue  # another cleaner, or the writer's own error handling, removed it first
+        removed.append(_to_uri(uri, fs, name))
+    if removed:
+        logger.info(
+            "removed %d stale temporary files older than %.0f s under %s (first: %s)",
+            len(removed), older_than_s, uri, removed[0],
+        )
+    return sorted(removed)
+
+
+def _modified_seconds(info: dict[str, Any]) -> float | None:
+    """Return a listing entry's modification time in epoch seconds, or None when it has none.
+
+    fsspec's local filesystem reports ``mtime`` (epoch seconds); s3fs reports
+    ``LastModified`` (a timezone-aware datetime).
+    """
+    value = info.get("mtime", info.get("LastModified"))
+    if isinstance(value, datetime):
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    return None
 
 
 def local_path(uri: str) -> str | None:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import shutil
+import time
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -16,6 +18,7 @@ from PIL import Image
 from samclip.config import PipelineConfig
 from samclip.tasks import sources
 from samclip.tasks.curate import curate
+from samclip.tasks.storage import TMP_PREFIX
 
 MANIFEST_COLUMNS = ["hash", "uri", "width", "height", "split", "label", "source"]
 
@@ -97,9 +100,15 @@ def test_curate_folder_rejects_and_duplicates(ray_cluster, image_folder, tmp_pat
 
 def test_curate_is_deterministic(ray_cluster, image_folder, tmp_path):
     first = curate(_config(tmp_path / "a", str(image_folder)))
+    # a temporary file that a killed curate left two hours ago; the next run removes it
+    stale = tmp_path / "b" / "curate" / f"{TMP_PREFIX}{uuid.uuid4().hex}-manifest.parquet"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"PAR1 cut off")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
     second = curate(_config(tmp_path / "b", str(image_folder)))
     assert pq.read_table(first.manifest_uri).equals(pq.read_table(second.manifest_uri))
     assert pq.read_table(first.rejects_uri).equals(pq.read_table(second.rejects_uri))
+    assert not stale.exists()
 
 
 def test_curate_sample_and_labels(ray_cluster, image_folder, tmp_path):

@@ -8,6 +8,7 @@ must end up in the manifest with the decoded size, or in the rejects table with 
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -204,3 +205,45 @@ def test_precompute_mixed_sizes_in_one_batch(ray_cluster, tmp_path):
         stored = read_features(features.features[kind])
         assert len(stored) == len(sizes)
         assert all(np.isfinite(array.astype(np.float32)).all() for array in stored.values())
+
+
+def test_curate_rejects_unreadable_file(ray_cluster, tmp_path, monkeypatch):
+    """A listed file that is gone (or not permitted) when a worker reads it: reject ``unreadable``."""
+    import samclip.tasks.curate as curate_module
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "kept.png").write_bytes(_encode(_noise(48, 40, seed=1), "PNG"))
+    (folder / "deleted.png").write_bytes(_encode(_noise(48, 40, seed=2), "PNG"))
+    expected = {"deleted.png": "FileNotFoundError"}
+    if os.geteuid() != 0:  # root can read a file whatever its permission bits are
+        (folder / "no-permission.png").write_bytes(_encode(_noise(48, 40, seed=3), "PNG"))
+        (folder / "no-permission.png").chmod(0)
+        expected["no-permission.png"] = "PermissionError"
+
+    listed_by_curate = []
+
+    def list_then_delete(source, layout="auto"):
+        listing = original_list_source(source, layout)
+        listed_by_curate.extend(listing[1])
+        (folder / "deleted.png").unlink()  # gone between listing and reading
+        return listing
+
+    original_list_source = curate_module.list_source
+    monkeypatch.setattr(curate_module, "list_source", list_then_delete)
+    config = PipelineConfig.model_validate(
+        {"storage": {"root": str(tmp_path / "run")}, "ray": {"num_cpus": 2}, "data": {"source": str(folder)}}
+    )
+    result = curate(config)
+
+    assert str(folder / "deleted.png") in listed_by_curate
+    manifest = [row["uri"].rsplit("/", 1)[1] for row in pq.read_table(result.manifest_uri).to_pylist()]
+    assert manifest == ["kept.png"]
+    rejects = {row["uri"].rsplit("/", 1)[1]: row for row in pq.read_table(result.rejects_uri).to_pylist()}
+    assert sorted(rejects) == sorted(expected)
+    for name, error in expected.items():
+        assert rejects[name]["reason"] == "unreadable"
+        assert rejects[name]["detail"].startswith(f"{error}: ")
+        assert name in rejects[name]["detail"]
+    assert result.counts["listed"] == 1 + len(expected)
+    assert result.counts["rejected/unreadable"] == len(expected)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
+import time
+import uuid
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -13,10 +16,11 @@ import torch
 from samclip.config import PipelineConfig
 from samclip.model.clip_teacher import clip_input
 from samclip.model.images import decode_image
-from samclip.tasks import sources
+from samclip.tasks import sources, storage
 from samclip.tasks.curate import curate
 from samclip.tasks.features import list_shards, read_features
-from samclip.tasks.precompute import precompute
+from samclip.tasks.precompute import feature_fingerprint, precompute
+from samclip.tasks.storage import TMP_PREFIX
 from samclip.tasks.teachers import ensure_teachers, load_clip_teacher_from
 
 
@@ -74,9 +78,18 @@ def test_precompute_then_rerun_then_new_images(ray_cluster, config, tmp_path):
     stored = clip[hashlib.sha256(data).hexdigest()].astype(np.float32)
     np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3)
 
-    # rerun: nothing left to compute, no shard rewritten
+    # rerun: nothing left to compute, no shard rewritten, stale temporary files removed
     shards = {kind: list_shards(uri) for kind, uri in first.features.items()}
+    clip_folder = tmp_path / "run" / "features" / f"clip-{teachers.clip_fingerprint}"
+    stale = clip_folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-part-killed.parquet"
+    fresh = clip_folder / f"{TMP_PREFIX}{uuid.uuid4().hex}-part-writing.parquet"
+    for path in (stale, fresh):
+        path.write_bytes(b"PAR1 cut off")
+    two_hours_ago = time.time() - 7200
+    os.utime(stale, (two_hours_ago, two_hours_ago))
     again = precompute(config, manifest_uri, teachers)
+    assert not stale.exists()
+    assert fresh.exists()  # younger than storage.stale_temp_age_s: a writer may own it
     assert again.computed == {"clip": 0, "sam": 0}
     assert again.reused == {"clip": 6, "sam": 6}
     assert {kind: list_shards(uri) for kind, uri in again.features.items()} == shards
@@ -97,3 +110,40 @@ def test_precompute_rejects_pool_larger_than_cluster(ray_cluster, config, tmp_pa
     too_big = config.model_copy(update={"precompute": settings})
     with pytest.raises(ValueError, match="lower precompute.actors"):
         precompute(too_big, manifest_uri)
+
+
+@pytest.mark.slow
+def test_precompute_bf16_writes_separate_folder(ray_cluster, config, tmp_path):
+    _add_photos(tmp_path / "images", ["chelsea.png", "coffee.png"])
+    teachers = ensure_teachers(config)
+    manifest_uri = curate(config).manifest_uri
+    fp32 = precompute(config, manifest_uri, teachers)
+
+    settings = config.precompute.model_copy(update={"compute_dtype": "bfloat16"})
+    bf16_config = config.model_copy(update={"precompute": settings})
+    bf16 = precompute(bf16_config, manifest_uri, teachers)
+    assert bf16.computed == {"clip": 2, "sam": 2}  # nothing reused from the float32 folders
+    for kind in ("clip", "sam"):
+        assert bf16.features[kind] != fp32.features[kind]
+        assert bf16.fingerprints[kind] == feature_fingerprint(fp32.fingerprints[kind], "bfloat16")
+        lineage = storage.read_json(f"{bf16.features[kind]}/teacher.json")
+        assert lineage["compute_dtype"] == "bfloat16"
+        assert lineage["fingerprint"] == bf16.fingerprints[kind]
+
+        reference = read_features(fp32.features[kind])
+        lowered = read_features(bf16.features[kind])
+        assert lowered.keys() == reference.keys()
+        for key, array in reference.items():
+            exact = array.astype(np.float32)
+            approximate = lowered[key].astype(np.float32)
+            assert not np.array_equal(exact, approximate)  # bfloat16 really ran
+            scale = float(np.abs(exact).max())
+            assert float(np.abs(exact - approximate).max()) <= 0.05 * scale
+
+
+def test_feature_fingerprint_depends_on_compute_dtype():
+    assert feature_fingerprint("0123456789abcdef", "float32") == "0123456789abcdef"
+    bf16 = feature_fingerprint("0123456789abcdef", "bfloat16")
+    assert len(bf16) == 16
+    assert bf16 != "0123456789abcdef"
+    assert bf16 != feature_fingerprint("fedcba9876543210", "bfloat16")

@@ -191,3 +191,69 @@ def test_curate_sa1b_missing_json(ray_cluster, tmp_path):
     result = curate(_config(tmp_path / "run", folder, layout="sa1b"))
     rejects = pq.read_table(result.rejects_uri).to_pylist()
     assert [row["reason"] for row in rejects] == ["annotation_missing"]
+
+
+def test_curate_sa1b_tar_shards(ray_cluster, sa1b_folder, tmp_path):
+    """SA-1B's own tar shards give the same manifest hashes and masks as the extracted files."""
+    folder, _ = sa1b_folder
+    shards = tmp_path / "sa1b-tar"
+    shards.mkdir()
+    members = [
+        ("sa_1.json", (folder / "sa_1.json").read_bytes()),  # a JSON before its image
+        ("sa_1.jpg", (folder / "sa_1.jpg").read_bytes()),
+        ("sa_2.jpg", (folder / "sa_2.jpg").read_bytes()),
+        ("sa_2.json", (folder / "sa_2.json").read_bytes()),
+        ("sa_3.jpg", (folder / "sa_3.jpg").read_bytes()),
+        ("sa_3.json", (folder / "sa_3.json").read_bytes()),
+        ("sa_5.jpg", _encode(40, 40, seed=5)),  # no JSON in the shard
+    ]
+    (shards / "sa_000000.tar").write_bytes(_tar(members))
+    # a second shard cut inside its last image: the pair before the damage is kept
+    mask = np.zeros((40, 48), dtype=bool)
+    mask[4:30, 8:20] = True
+    late = _encode(48, 48, seed=7)
+    damaged = _tar(
+        [
+            ("sa_6.jpg", _encode(48, 40, seed=6)),
+            ("sa_6.json", json.dumps(_sa1b_document(6, 40, 48, [mask])).encode()),
+            ("sa_7.jpg", late),
+        ]
+    )
+    with tarfile.open(fileobj=io.BytesIO(damaged)) as archive:
+        late_start = archive.getmember("sa_7.jpg").offset_data
+    (shards / "sa_000001.tar").write_bytes(damaged[: late_start + len(late) // 2])
+    assert list_source(str(shards))[0] == "sa1b"
+
+    extracted = curate(_config(tmp_path / "extracted", folder))
+    archived = curate(_config(tmp_path / "archived", shards))
+    assert archived.layout == "sa1b"
+
+    manifest = {row["uri"].rsplit("member=", 1)[1]: row for row in pq.read_table(archived.manifest_uri).to_pylist()}
+    assert sorted(manifest) == ["sa_1.jpg", "sa_6.jpg"]
+    for row in manifest.values():
+        assert "sa_0000" in row["uri"]
+        assert hashlib.sha256(storage.read_bytes(row["uri"])).hexdigest() == row["hash"]
+    extracted_hashes = pq.read_table(extracted.manifest_uri).column("hash").to_pylist()
+    assert extracted_hashes == [manifest["sa_1.jpg"]["hash"]]
+
+    rejects = {
+        row["uri"].rsplit("member=", 1)[-1].rsplit("/", 1)[-1]: row
+        for row in pq.read_table(archived.rejects_uri).to_pylist()
+    }
+    assert rejects["sa_2.jpg"]["reason"] == "annotation_mismatch"
+    assert rejects["sa_3.jpg"]["reason"] == "annotation_invalid"
+    assert rejects["sa_5.jpg"]["reason"] == "annotation_missing"
+    assert rejects["sa_000001.tar"]["reason"] == "corrupt_archive"
+    assert "sa_7.jpg" not in manifest
+
+    # the masks of sa_1 are the same rows as from the extracted layout
+    from_tar = read_annotations(archived.annotations_uri, extracted_hashes)
+    from_files = read_annotations(extracted.annotations_uri, extracted_hashes)
+    assert from_tar.num_rows == 2
+    assert from_tar.equals(from_files)
+    sixth = read_annotations(archived.annotations_uri, [manifest["sa_6.jpg"]["hash"]]).to_pylist()
+    assert len(sixth) == 1
+    decoded = decode_mask({"size": [sixth[0]["height"], sixth[0]["width"]], "counts": sixth[0]["counts"]})
+    assert np.array_equal(decoded, mask)
+    summary = storage.read_json(archived.summary_uri)
+    assert summary["annotations"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -116,3 +117,65 @@ def test_s3_teachers_written_and_cached(s3_endpoint, tmp_path):
     assert os.stat(again.clip_weights).st_mtime_ns == mtime
     assert again.sam_fingerprint == files.sam_fingerprint
     assert again.clip_fingerprint == files.clip_fingerprint
+
+
+def _leave_temp_file(uri: str, data: bytes, monkeypatch) -> str:
+    """Write like a writer killed before its rename, so its temporary file stays; return it."""
+
+    def killed_before_rename(source, target):
+        raise OSError("killed before the rename")
+
+    folder = os.path.dirname(uri)
+    before = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    with monkeypatch.context() as patch:
+        patch.setattr(storage.os, "replace", killed_before_rename)
+        patch.setattr(storage.os, "remove", lambda path: None)
+        with pytest.raises(OSError, match="killed"):
+            storage.write_bytes(uri, data)
+    (left,) = set(os.listdir(folder)) - before
+    return os.path.join(folder, left)
+
+
+def _age(path: str, seconds: float) -> None:
+    stamp = time.time() - seconds
+    os.utime(path, (stamp, stamp))
+
+
+def test_remove_stale_temp_files_local(tmp_path, monkeypatch):
+    stale = _leave_temp_file(str(tmp_path / "part-a.parquet"), b"partial", monkeypatch)
+    nested = _leave_temp_file(str(tmp_path / "sub" / "part-b.parquet"), b"partial", monkeypatch)
+    fresh = _leave_temp_file(str(tmp_path / "part-c.parquet"), b"partial", monkeypatch)
+    assert os.path.basename(stale).startswith(storage.TMP_PREFIX)
+    storage.write_bytes(str(tmp_path / "part-d.parquet"), b"committed")
+    not_ours = tmp_path / ".tmp-written-by-another-tool"
+    not_ours.write_bytes(b"other")
+    for path in (stale, nested, str(tmp_path / "part-d.parquet"), str(not_ours)):
+        _age(path, 7200)
+
+    assert storage.remove_stale_temp_files(str(tmp_path), None) == []
+    assert os.path.exists(stale)
+
+    removed = storage.remove_stale_temp_files(str(tmp_path), 3600)
+    assert removed == sorted([stale, nested])
+    assert not os.path.exists(stale)
+    assert not os.path.exists(nested)
+    assert os.path.exists(fresh)  # a writer may still be writing it
+    assert (tmp_path / "part-d.parquet").read_bytes() == b"committed"
+    assert not_ours.exists()
+    assert storage.remove_stale_temp_files(str(tmp_path / "missing"), 0) == []
+
+
+def test_remove_stale_temp_files_s3(s3_endpoint):
+    # An S3 writer sends one PUT and leaves no temporary object. This object is a local
+    # writer's leftover that a sync copied. moto sets LastModified to now, so the age is 0.
+    folder = f"s3://{BUCKET}/stale"
+    temp = f"{folder}/nested/{storage.TMP_PREFIX}{'0' * 32}-part-a.parquet"
+    storage.write_bytes(temp, b"partial")
+    storage.write_bytes(f"{folder}/part-b.parquet", b"committed")
+    storage.write_bytes(f"{folder}/{storage.TMP_PREFIX}short-name", b"other")
+
+    assert storage.remove_stale_temp_files(folder, 3600) == []
+    assert storage.remove_stale_temp_files(folder, 0) == [temp]
+    assert not storage.exists(temp)
+    assert storage.exists(f"{folder}/part-b.parquet")
+    assert storage.exists(f"{folder}/{storage.TMP_PREFIX}short-name")
