@@ -22,8 +22,9 @@ from typing import Any
 from samclip.config import PipelineConfig, StageConfig, dump_config
 from samclip.tasks import storage
 from samclip.tasks.train_data import StageData, StageTables, build_stage_tables
-from samclip.tasks.train_loop import LoopSettings, train_loop_per_worker
+from samclip.tasks.train_loop import train_loop_per_worker
 from samclip.tasks.train_metrics import LOSS_CURVE_FILE, METRICS_FILE, plot_loss_curve
+from samclip.tasks.train_settings import LoopSettings
 from samclip.tasks.train_state import TEST_ENV_VARS
 from samclip.tasks.train_steps import check_stage
 
@@ -101,7 +102,8 @@ def run_stage(
         stage, run_name, ", ".join(f"{k} {v}" for k, v in tables.counts.items()), settings.total_steps,
     )
 
-    # the trainer; the datasets hold only the index, the workers read images and features
+    # The trainer. The datasets hold only the index, and the workers read images and features.
+    # Every worker gets each dataset whole and keeps its own rows (see train_sharding).
     filesystem, path = _train_storage(root, config.storage.endpoint_url)
     datasets = {"train": ray.data.from_arrow(tables.train), "val": ray.data.from_arrow(tables.val)}
     if tables.train_sam is not None:
@@ -130,7 +132,7 @@ def run_stage(
             worker_runtime_env={"env_vars": worker_env},
         ),
         datasets=datasets,
-        dataset_config=_ordered_data_config(),
+        dataset_config=_unsplit_ordered_data_config(),
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -171,11 +173,12 @@ def _train_storage(root: str, endpoint_url: str | None) -> tuple[Any, str]:
     return storage.pyarrow_filesystem(root, endpoint_url)
 
 
-def _ordered_data_config() -> Any:
-    """Return a Ray Train DataConfig whose shards keep the index order (shuffled per worker).
+def _unsplit_ordered_data_config() -> Any:
+    """Return a Ray Train DataConfig that gives every worker each whole dataset in index order.
 
-    Without preserve_order, Ray Data may hand out blocks in the order they finish, and a
-    resumed run would skip a different set of batches than the one it trained on.
+    Ray Data's split hands out blocks as workers request them, so a restarted worker could get
+    other rows. Each worker selects its own rows instead (``train_sharding``). Without
+    preserve_order, Ray Data may also yield blocks in the order they finish.
     """
     import copy
 
@@ -184,7 +187,7 @@ def _ordered_data_config() -> Any:
 
     options = copy.deepcopy(DataContext.get_current().execution_options)
     options.preserve_order = True
-    return ray.train.DataConfig(execution_options=options)
+    return ray.train.DataConfig(datasets_to_split=[], execution_options=options)
 
 
 def _mlflow_settings(config: PipelineConfig, run_name: str) -> dict[str, Any] | None:
@@ -245,7 +248,7 @@ def _loop_settings(
     teacher_files: Any,
 ) -> LoopSettings:
     workers = config.train.workers
-    # Ray Train splits each dataset into equal shards, dropping the remainder rows.
+    # train_sharding deals each epoch's rows to workers in equal shares, leaving out the remainder.
     train_per_worker = tables.counts["train"] // workers
     if train_per_worker == 0:
         raise ValueError(
@@ -286,6 +289,7 @@ def _loop_settings(
         endpoint_url=config.storage.endpoint_url,
         score_weights=(config.sweep.clip_weight, config.sweep.sam_weight),
         torch_threads=max(1, int(config.train.cpus_per_worker)),
+        index_rows={name: tables.counts[name] for name in ("train", "train_sam", "val")},
         precision=_precision(config),
     )
 

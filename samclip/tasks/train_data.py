@@ -1,15 +1,16 @@
 """Training data: the driver's index of manifest rows and feature shards, and the workers' batches.
 
 Only an index goes through the driver and Ray's object store: one row per image with ``hash``,
-``uri`` and the number of the feature shard that contains its CLIP (``clip_shard``) and SAM
-(``sam_shard``, -1 where none exists) teacher embedding. The driver reads just the ``hash``
-column of each shard to build it. Ray Data streams the index to the workers
-(``get_dataset_shard``), and each worker reads the images and looks the embeddings up in the
-shard files itself (``FeatureLookup``), so the feature bytes never pass through the driver.
+``uri``, the number of the feature shard that contains its CLIP (``clip_shard``) and SAM
+(``sam_shard``, -1 where none exists) teacher embedding, and its row number (``position``).
+The driver reads just the ``hash`` column of each shard to build it. Ray Data streams the index
+to the workers (``get_dataset_shard``), each worker keeps its own rows (``train_sharding``),
+reads their images and looks the embeddings up in the shard files itself (``FeatureLookup``),
+so the feature bytes never pass through the driver.
 
 NOTE: the index itself is built in the driver's memory and placed in the object store, at
-roughly 150 bytes per image (an estimate: two hex hashes' worth of strings plus two int32), so
-tens of millions of images need a driver with several GB of memory.
+roughly 160 bytes per image (an estimate: two hex hashes' worth of strings, two int32 and an
+int64), so tens of millions of images need a driver with several GB of memory.
 """
 
 from __future__ import annotations
@@ -135,7 +136,9 @@ def _index_table(
         "clip_shard": pa.array([clip_shard_of[row["hash"]] for row in rows], pa.int32()),
         "sam_shard": pa.array([sam_shard_of.get(row["hash"], -1) for row in rows], pa.int32()),
     })
-    return table.sort_by([(sort_by, "ascending"), ("hash", "ascending")])
+    table = table.sort_by([(sort_by, "ascending"), ("hash", "ascending")])
+    # the row number after sorting, which train_sharding deals to ranks
+    return table.append_column("position", pa.array(np.arange(len(table), dtype=np.int64)))
 
 
 class FeatureLookup:

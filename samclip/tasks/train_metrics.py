@@ -3,7 +3,7 @@
 Each line is one JSON object with ``kind`` (``train`` for a logged step, ``eval`` for a
 checkpoint report), ``step``, ``epoch`` and namespaced metrics (``train/...``, ``val/...``,
 ``lr/...``). Rank 0 rewrites the whole file at each checkpoint, because object stores cannot
-append; a resumed run drops the lines past its restored step.
+append. A resumed run drops the lines past its restored step, so each step appears once.
 """
 
 from __future__ import annotations
@@ -86,14 +86,24 @@ class MlflowMetrics:
     """Metrics of one training run in MLflow, sent from rank 0 in batches at each checkpoint.
 
     The MLflow run is found by the tag ``samclip.run_name``, so a resumed training run keeps
-    logging into the same MLflow run. Steps logged after the last checkpoint of a failed
-    attempt are logged again by the resumed one, and MLflow keeps both values. A failure to
-    reach the tracking server is logged and never stops training.
+    logging into the same MLflow run. Each flush also sets the tag ``samclip.logged_step`` to
+    the highest step logged so far. With ``resumed``, metrics at or below the step found there
+    are dropped. A run resumed from a checkpoint older than its last flush repeats those steps,
+    and MLflow would otherwise keep both values of each. A run that starts from step 0 logs
+    every step. A failure to reach the tracking server is logged and never stops training.
     """
 
     RUN_NAME_TAG = "samclip.run_name"
+    LOGGED_STEP_TAG = "samclip.logged_step"
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_location: str | None, run_name: str) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        artifact_location: str | None,
+        run_name: str,
+        resumed: bool = False,
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
@@ -111,8 +121,11 @@ class MlflowMetrics:
         runs = self.client.search_runs(
             [experiment_id], filter_string=f"tags.`{self.RUN_NAME_TAG}` = '{run_name}'", max_results=1
         )
+        self.logged_step = 0  # metrics at this step or below are in MLflow already
         if runs:
             self.run_id = runs[0].info.run_id
+            if resumed:
+                self.logged_step = int(runs[0].data.tags.get(self.LOGGED_STEP_TAG, 0))
         else:
             tags = {self.RUN_NAME_TAG: run_name}
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
@@ -120,18 +133,30 @@ class MlflowMetrics:
         self.failures = 0
 
     def add(self, metrics: dict[str, Any], step: int) -> None:
+        """Queue the numeric metrics of ``step`` for the next flush, unless MLflow has that step."""
         from mlflow.entities import Metric
 
+        if step <= self.logged_step:
+            return
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.pending.append(Metric(key, float(value), now, int(step)))
 
     def flush(self) -> None:
+        """Send the queued metrics, and record the highest step sent in the run's tags."""
+        from mlflow.entities import RunTag
+
         pending, self.pending = self.pending, []
+        if not pending:
+            return
+        logged_step = max(self.logged_step, *(metric.step for metric in pending))
         try:
             for start in range(0, len(pending), 1000):  # MLflow's limit of metrics per batch
                 self.client.log_batch(self.run_id, metrics=pending[start : start + 1000])
+            # Set after the metrics, so a failure in between repeats steps rather than losing them.
+            self.client.log_batch(self.run_id, tags=[RunTag(self.LOGGED_STEP_TAG, str(logged_step))])
+            self.logged_step = logged_step
         except Exception as error:  # noqa: BLE001  (metrics must not stop training)
             self.failures += 1
             if self.failures <= 3:

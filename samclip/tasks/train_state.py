@@ -1,4 +1,4 @@
-"""The resumable training state of a worker: counters, RNG states and the test failure hook.
+"""The resumable training state of a worker: counters, seeds, RNG states and the test hooks.
 
 Everything here is saved in ``train_state.pt`` (see ``samclip.tasks.checkpoints``), so it is
 restricted to tensors and plain Python values that ``torch.load(weights_only=True)`` accepts.
@@ -6,6 +6,8 @@ restricted to tensors and plain Python values that ``torch.load(weights_only=Tru
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -41,6 +43,12 @@ def fresh_state() -> dict[str, Any]:
         "epochs_without_improvement": 0,
         "last_metrics": {},
     }
+
+
+def derive_seed(*parts: object) -> int:
+    """Mix seed parts into one 63-bit seed, the same on every machine and Python version."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def capture_rng_states() -> dict[str, Any]:

@@ -393,7 +393,9 @@ def test_index_holds_no_features_and_lookup_reads_shards(tmp_path):
     write_feature_shard(clip_dir, hashes[3:], features[3:], "float16")
 
     tables = build_stage_tables(StageData(manifest, clip_dir), stage=1)
-    assert tables.train.column_names == ["hash", "uri", "clip_shard", "sam_shard"]
+    assert tables.train.column_names == ["hash", "uri", "clip_shard", "sam_shard", "position"]
+    assert tables.train.column("position").to_pylist() == [0, 1, 2, 3]
+    assert tables.val.column("position").to_pylist() == [0, 1]
     assert len(tables.clip_spec.shards) == 2
     assert tables.counts == {"train": 4, "train_sam": 0, "val": 2, "val_sam": 0}
 

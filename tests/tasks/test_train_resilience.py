@@ -1,8 +1,10 @@
 """Training at scale: resume after a killed worker or driver, two Ray nodes, and S3 storage.
 
-The resume tests run stage 2 of the tiny student on 4 train images: 2 steps per epoch, 2 epochs
-and a checkpoint after every step. On a CPU every step is deterministic given the data
-position, so a resumed run must match an uninterrupted one bit for bit.
+The resume tests run stage 2 of the tiny student on 4 train images with one worker, or on 8
+with two: 2 steps per epoch, 2 epochs and a checkpoint after every step. On a CPU every step is
+deterministic given the data position, and the two workers' gradients are averaged by a gloo
+all-reduce of two values, which is exact in either order. So a resumed run must match an
+uninterrupted one bit for bit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +66,26 @@ def reference(ray_cluster, setup):
     return result
 
 
+@pytest.fixture(scope="module")
+def two_worker_setup(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("resilience-two-workers"))
+    config = tiny_config(root, *_stage2_overrides(), "train.workers=2")
+    return config, write_stage_data(root, config, n_train=8)
+
+
+@pytest.fixture(scope="module")
+def two_worker_reference(ray_cluster, two_worker_setup):
+    """An uninterrupted stage-2 run of two workers, each reading 4 of the 8 train images."""
+    from samclip.tasks.train import run_stage
+
+    config, data = two_worker_setup
+    started = time.perf_counter()
+    result = run_stage(config, 2, data, None, "two-workers-reference")
+    seconds = time.perf_counter() - started
+    print(f"uninterrupted stage 2, two workers, {TOTAL_STEPS} steps: {seconds:.1f} s")
+    return result
+
+
 def _weights(checkpoint_uri: str) -> dict[str, torch.Tensor]:
     from samclip.tasks.checkpoints import load_student_state_dict
 
@@ -72,6 +95,18 @@ def _weights(checkpoint_uri: str) -> dict[str, torch.Tensor]:
 def _max_difference(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> float:
     assert first.keys() == second.keys()
     return max(float((first[name] - second[name]).abs().max()) for name in first)
+
+
+def _mlflow_steps(config, run_name: str, key: str) -> list[int]:
+    """Return the steps of every value of ``key`` logged to the MLflow run of ``run_name``."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{config.storage.root}/mlflow.db")
+    experiment_id = client.get_experiment_by_name(config.registry.experiment).experiment_id
+    run_filter = f"tags.`samclip.run_name` = '{run_name}'"
+    runs = client.search_runs([experiment_id], filter_string=run_filter)
+    assert len(runs) == 1
+    return sorted(metric.step for metric in client.get_metric_history(runs[0].info.run_id, key))
 
 
 def _train_steps(metrics_uri: str) -> list[int]:
@@ -130,6 +165,65 @@ def test_killed_worker_resumes_exactly(reference, setup, tmp_path, monkeypatch):
     assert _train_steps(result.metrics_jsonl_uri) == [1, 2, 3, 4]
     difference = _max_difference(_weights(result.checkpoint_uri), _weights(reference.checkpoint_uri))
     print(f"killed worker: max weight difference from the uninterrupted run {difference}")
+    assert difference == 0.0
+
+
+def test_two_workers_killed_worker_resumes_exactly(
+    two_worker_reference, two_worker_setup, tmp_path, monkeypatch
+):
+    from samclip.tasks.checkpoints import load_train_state
+    from samclip.tasks.train import run_stage
+
+    config, data = two_worker_setup
+    marker = tmp_path / "worker-killed"
+    # Rank 1 exits after step 2, so the group restarts from the checkpoint after step 1, in
+    # the middle of the first epoch and of the first pass over the SAM rows.
+    monkeypatch.setenv("SAMCLIP_TEST_FAIL_AT_STEP", "2")
+    monkeypatch.setenv("SAMCLIP_TEST_FAIL_RANK", "1")
+    monkeypatch.setenv("SAMCLIP_TEST_FAIL_MARKER", str(marker))
+    result = run_stage(config, 2, data, None, "two-workers-killed")
+
+    assert marker.read_text().startswith("rank 1 exited after step 2")
+    state = load_train_state(result.checkpoint_uri)
+    assert state["step"] == TOTAL_STEPS
+    assert len(state["rng_states"]) == 2
+    assert _train_steps(result.metrics_jsonl_uri) == [1, 2, 3, 4]
+    assert _mlflow_steps(config, "two-workers-killed", "train/loss") == [1, 2, 3, 4]
+    expected = _weights(two_worker_reference.checkpoint_uri)
+    difference = _max_difference(_weights(result.checkpoint_uri), expected)
+    print(f"two workers, killed rank 1: max weight difference from the uninterrupted run {difference}")
+    assert difference == 0.0
+
+
+def test_rerun_resumes_from_unregistered_checkpoint(reference, setup):
+    from samclip.tasks.checkpoints import MODEL_FILE, load_train_state
+    from samclip.tasks.train import RESULT_FILE, run_stage
+    from samclip.tasks.train_resume import COMPLETE_MARKER
+
+    config, data = setup
+    stage_cfg = config.train.stage2.model_copy(update={"max_steps": 3})
+    stopped = run_stage(config, 2, data, None, "unregistered", stage_config=stage_cfg)
+    assert load_train_state(stopped.checkpoint_uri)["step"] == 3
+
+    # The reference's final checkpoint, copied into this run's folder, plays the checkpoint that
+    # a killed driver uploaded but Ray Train never registered. Beside it lies a half-written
+    # folder whose marker claims a higher step but whose weights file is cut short: resuming
+    # from it would fail to load.
+    run_folder = storage.local_path(storage.join(config.uri("train"), "unregistered"))
+    unregistered = os.path.join(run_folder, "checkpoint_9999-01-01_00-00-00.000000")
+    shutil.copytree(reference.checkpoint_uri, unregistered)
+    half_written = os.path.join(run_folder, "checkpoint_9999-12-31_23-59-59.999999")
+    shutil.copytree(reference.checkpoint_uri, half_written)
+    marker_path = os.path.join(half_written, COMPLETE_MARKER)
+    marker = json.loads(Path(marker_path).read_text())
+    Path(marker_path).write_text(json.dumps({**marker, "step": TOTAL_STEPS + 1}))
+    with open(os.path.join(half_written, MODEL_FILE), "r+b") as handle:
+        handle.truncate(100)
+    os.remove(os.path.join(run_folder, RESULT_FILE))
+
+    resumed = run_stage(config, 2, data, None, "unregistered")
+    assert load_train_state(resumed.checkpoint_uri)["step"] == TOTAL_STEPS
+    difference = _max_difference(_weights(resumed.checkpoint_uri), _weights(reference.checkpoint_uri))
     assert difference == 0.0
 
 
