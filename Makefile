@@ -27,7 +27,12 @@ run: $(STAMP)
 	$(VENV)/bin/samclip run --profile smoke
 
 test: $(STAMP)
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -m "not testbed" $(PYTEST_ARGS)
+
+# The reduced claims run: both testbed teachers trained, distilled and compared (minutes).
+.PHONY: test-testbed
+test-testbed: $(STAMP)
+	$(VENV)/bin/pytest -q -m testbed $(PYTEST_ARGS)
 
 # Stage-2 speed through Ray Train against a plain torch loop; the last line is machine-readable.
 .PHONY: bench-train

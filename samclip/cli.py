@@ -1,4 +1,4 @@
-"""Command line: ``samclip run | precompute | sweep | verify-registered | segment | profiles``."""
+"""Command line: ``samclip run | precompute | sweep | compare | testbed | claims | verify-registered | segment | profiles``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,15 @@ def _parser() -> argparse.ArgumentParser:
         ("compare", "precompute (reused), stage 1, then the teachers, naive distillation, Wise-FT and SAM-CLIP in one table"),
     ):
         _add_profile_arguments(commands.add_parser(name, help=help_text))
+    testbed = commands.add_parser("testbed", help="write the shapes scenes and train the CLIP and SAM teachers on them (cached)")
+    _add_profile_arguments(testbed)
+    testbed.set_defaults(profile="shapes")
+    claims = commands.add_parser(
+        "claims", help="on the shapes testbed: teachers, naive distillation, Wise-FT and SAM-CLIP against ground truth"
+    )
+    _add_profile_arguments(claims)
+    claims.set_defaults(profile="shapes")
+    claims.add_argument("--results-dir", default=None, help="also copy the results Markdown and plot into this folder")
     verify = commands.add_parser(
         "verify-registered",
         help="load a registered model in this process, re-evaluate it and compare with its registered evaluation",
@@ -158,6 +167,28 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _testbed(args: argparse.Namespace) -> int:
+    from samclip.workflows.testbed_flow import testbed_flow
+
+    outputs = testbed_flow(profile=args.profile, overrides=args.overrides)
+    print(f"scenes  {json.dumps(outputs.scenes['counts']['split'])}")
+    for kind, record in (("clip", outputs.clip), ("sam", outputs.sam)):
+        scores = {k: v for k, v in record["result"].items() if isinstance(v, (int, float))}
+        print(f"{kind} teacher  {json.dumps(scores)}  files {json.dumps(record['files'])}")
+    print("timings " + ", ".join(f"{k} {v:.0f} s" for k, v in outputs.timings.items()))
+    return 0
+
+
+def _claims(args: argparse.Namespace) -> int:
+    from samclip.tasks import storage
+    from samclip.workflows.claims_flow import claims_flow
+
+    outputs = claims_flow(profile=args.profile, overrides=args.overrides, results_dir=args.results_dir)
+    print(storage.read_bytes(outputs.files["md"]).decode())
+    print(f"results  {outputs.files['md']}\nplot     {outputs.files['png']}")
+    return 0
+
+
 def _verify_registered(args: argparse.Namespace) -> int:
     import yaml
 
@@ -237,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         "precompute": _precompute,
         "sweep": _sweep,
         "compare": _compare,
+        "testbed": _testbed,
+        "claims": _claims,
         "verify-registered": _verify_registered,
         "segment": _segment,
     }

@@ -145,9 +145,15 @@ def _resolve(folder: str, location: str) -> str:
     return storage.join(folder, location)
 
 
-def read_voc(root: str, split: str | None = None, class_names: list[str] | None = None) -> SegmentationSet:
-    """Read a VOC-style segmentation layout; see the module docstring for the folders."""
+def read_voc(
+    root: str, split: str | None = None, class_names: list[str] | None = None, images_uri: str | None = None
+) -> SegmentationSet:
+    """Read a VOC-style segmentation layout; see the module docstring for the folders.
+
+    `images_uri` is the folder of the images when they do not sit in ``JPEGImages/`` of the root.
+    """
     base = root.rstrip("/")
+    images_folder = images_uri.rstrip("/") if images_uri else storage.join(base, "JPEGImages")
     if class_names is None:
         classes_uri = storage.join(base, "classes.txt")
         if storage.exists(classes_uri):
@@ -160,7 +166,7 @@ def read_voc(root: str, split: str | None = None, class_names: list[str] | None 
     }
     images = {
         posixpath.splitext(uri.rsplit("/", 1)[-1])[0]: uri
-        for uri in storage.list_files(storage.join(base, "JPEGImages"))
+        for uri in storage.list_files(images_folder)
         if _is_image(uri)
     }
     if split is not None:
@@ -171,7 +177,7 @@ def read_voc(root: str, split: str | None = None, class_names: list[str] | None 
     missing = [i for i in ids if i not in masks or i not in images]
     if missing:
         raise ValueError(
-            f"{len(missing)} ids of {root} lack an image in JPEGImages/ or a mask in "
+            f"{len(missing)} ids of {root} lack an image in {images_folder} or a mask in "
             f"SegmentationClass/ (first: {missing[0]})"
         )
     if not ids:

@@ -189,7 +189,9 @@ def evaluate_datasets(
             model, clip_teacher, dataset, templates, _clip_resolution(config), settings.max_images
         ))  # fmt: skip
     if settings.segmentation:
-        dataset = layouts.read_voc(settings.segmentation, settings.segmentation_split)
+        dataset = layouts.read_voc(
+            settings.segmentation, settings.segmentation_split, images_uri=settings.segmentation_images
+        )
         datasets["segmentation"] = {"uri": settings.segmentation, "classes": dataset.class_names}
         seg_metrics, samples = evaluate_segmentation(config, model, clip_teacher, dataset, templates)
         metrics.update(seg_metrics)

@@ -12,10 +12,12 @@ import json
 from samclip.config import PipelineConfig
 
 # The config sections that determine each stage's result.
+# "testbed" is there because its settings decide the testbed teachers' weights, which the
+# teachers section only locates.
 _STAGE_INPUTS = {
-    1: ("seed", "data", "teachers", "student", "train.workers", "train.stage1"),
-    2: ("seed", "data", "teachers", "student", "train.workers", "train.stage1", "train.stage2", "sweep"),
-    3: ("seed", "data", "teachers", "student", "train", "sweep"),
+    1: ("seed", "data", "teachers", "testbed", "student", "train.workers", "train.stage1"),
+    2: ("seed", "data", "teachers", "testbed", "student", "train.workers", "train.stage1", "train.stage2", "sweep"),
+    3: ("seed", "data", "teachers", "testbed", "student", "train", "sweep"),
 }
 
 

@@ -31,6 +31,7 @@ from samclip.tasks.train_steps import check_stage
 logger = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+INPUTS_FILE = "inputs.json"  # the data and starting checkpoint of the run's first start
 
 __all__ = ["StageData", "StageResult", "run_stage", "stage_config_for"]
 
@@ -87,6 +88,7 @@ def run_stage(
     storage.configure_endpoint(config.storage.endpoint_url)
 
     result_uri = storage.join(run_uri, RESULT_FILE)
+    _check_same_inputs(run_uri, run_name, data, init_checkpoint)
     if storage.exists(result_uri):
         logger.info("stage %d run %s is complete; reusing %s", stage, run_name, result_uri)
         return StageResult(**storage.read_json(result_uri))
@@ -159,6 +161,34 @@ def run_stage(
         " ".join(f"{k} {v:.4f}" for k, v in stage_result.metrics.items() if k.startswith("val/")),
     )
     return stage_result
+
+
+def _check_same_inputs(run_uri: str, run_name: str, data: StageData, init_checkpoint: str | None) -> None:
+    """Record the run's inputs on its first start; raise if a later start names other inputs.
+
+    Run names digest the settings, not the teacher files: a teacher file replaced at the same
+    location changes the feature folders (keyed by the teacher's fingerprint) but not the name.
+    Reusing or resuming the old run would then mix two teachers, so it is an error instead.
+    """
+    inputs = {
+        "manifest_uri": data.manifest_uri,
+        "clip_features_dir": data.clip_features_dir,
+        "sam_features_dir": data.sam_features_dir,
+        "init_checkpoint": init_checkpoint,
+    }
+    inputs_uri = storage.join(run_uri, INPUTS_FILE)
+    if not storage.exists(inputs_uri):
+        storage.write_json(inputs_uri, inputs)
+        return
+    recorded = storage.read_json(inputs_uri)
+    changed = sorted(key for key in inputs if recorded.get(key) != inputs[key])
+    if changed:
+        differences = "; ".join(f"{key} was {recorded.get(key)}, now {inputs[key]}" for key in changed)
+        raise ValueError(
+            f"run {run_name} at {run_uri} was started with other inputs ({differences}), usually "
+            "because a teacher file was replaced at the same location; remove that run folder to "
+            "train it again, or restore the previous teacher file"
+        )
 
 
 def _train_storage(root: str, endpoint_url: str | None) -> tuple[Any, str]:

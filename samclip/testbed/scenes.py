@@ -51,8 +51,8 @@ class SceneSpec:
     colours: tuple[str, ...] = tuple(COLOURS)  # colour names to draw from
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)  # background textures to draw from
     min_objects: int = 1  # objects drawn before occluded ones are dropped
-    max_objects: int = 4
-    radius_range: tuple[float, float] = (0.08, 0.2)  # object radius as a fraction of the side
+    max_objects: int = 3
+    radius_range: tuple[float, float] = (0.14, 0.28)  # object radius as a fraction of the side
     # An occluded object is dropped unless this share of its pixels, and at least
     # min_visible_pixels, stay visible; the top-most object is always kept.
     min_visible_fraction: float = 0.35

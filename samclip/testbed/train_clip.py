@@ -44,10 +44,13 @@ from samclip.testbed.shapes import SHAPES
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "samclip-shapes-clip"
-# A CLIP small enough to train on a CPU: 64 px input in 8 px patches (8x8 tokens).
+# A CLIP small enough to train on a CPU: open_clip's ModifiedResNet (the tower of OpenAI's RN50
+# CLIP, at one bottleneck block per stage and width 32) on 64 px inputs. On this testbed it
+# learned shape classes faster than a 4-layer ViT of 8 px patches, which after 300 steps still
+# scored chance on shape while both learned colour.
 SHAPES_CLIP_CONFIG: dict[str, Any] = {
     "embed_dim": 128,
-    "vision_cfg": {"image_size": 64, "layers": 4, "width": 128, "patch_size": 8, "head_width": 64},
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 32, "head_width": 32},
     # open_clip's tokenizer needs its full BPE vocabulary; captions stay under 32 tokens
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
 }
@@ -64,11 +67,10 @@ class ClipTrainConfig:
     train_scenes: int = 2000
     # Share of the training scenes drawn with a single object (from seed train_seed + 1). Two
     # such scenes of one colour differ in their captions only by the shape word.
-    # NOTE: at 0.5 and 600 steps, held-out class accuracy still stayed near chance.
-    single_object_fraction: float = 0.0
+    single_object_fraction: float = 0.3
     eval_scenes: int = 300
     scene_size: int = DEFAULT_SIZE  # pixels; the model's transform resizes to its input size
-    batch_size: int = 128
+    batch_size: int = 64
     max_steps: int = 1500
     lr: float = 1e-3
     weight_decay: float = 0.1

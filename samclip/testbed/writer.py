@@ -6,6 +6,7 @@ Layout under the output folder (``{stem}`` is ``scene_{index:06d}``)::
     images/{stem}.json           SA-1B-style masks of the visible objects (COCO compressed RLE)
     captions.csv                 file, caption
     labels.csv                   file, label (shape class of the largest object), colour
+    labels_val.csv               the val split's rows, files named images/{stem}.png
     colour_labels.csv            file, label (colour of the largest object)
     ground_truth.jsonl           one JSON object per scene: split, caption, every object's class,
                                  colour, box, areas and point
@@ -13,6 +14,8 @@ Layout under the output folder (``{stem}`` is ``scene_{index:06d}``)::
     voc/SegmentationObject/{stem}.png  instance mask, palette PNG, value = instance number
     voc/ImageSets/Segmentation/{train,val,trainval}.txt
     voc/classes.txt              class names, background first
+    coco/instances_val.json      COCO instances of the val split (RLE masks, XYWH boxes),
+                                 category ids 1.. in the order of classes.txt
     testbed.json                 the settings and counts; written last, it marks a finished set
 
 The ``file`` column of the CSVs holds the PNG's file name, which ``read_labels`` in
@@ -50,13 +53,13 @@ from samclip.testbed.scenes import CLASS_NAMES, DEFAULT_SIZE, Scene, SceneSpec, 
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the layout or the generator changes what a seed produces
+FORMAT_VERSION = 3  # bump when the layout or the generator changes what a seed produces
 PNG_COMPRESS_LEVEL = 6  # fixed, so the bytes do not depend on Pillow's default
 PROGRESS_EVERY_S = 10.0
 SETTINGS_FILE = "testbed.json"
 # Everything write_testbed creates; overwrite removes exactly these.
-OUTPUTS = ("images", "voc", "captions.csv", "labels.csv", "colour_labels.csv",
-           "ground_truth.jsonl", SETTINGS_FILE)  # fmt: skip
+OUTPUTS = ("images", "voc", "coco", "captions.csv", "labels.csv", "labels_val.csv",
+           "colour_labels.csv", "ground_truth.jsonl", SETTINGS_FILE)  # fmt: skip
 
 
 def voc_palette() -> list[int]:
@@ -228,6 +231,8 @@ def write_testbed(
 
     # scenes, one file set each
     captions, labels, colour_labels, records = [], [], [], []
+    coco_images: list[dict[str, Any]] = []
+    coco_annotations: list[dict[str, Any]] = []
     splits: dict[str, list[str]] = {"train": [], "val": []}
     started = last_log = time.perf_counter()
     for index in range(count):
@@ -248,6 +253,14 @@ def write_testbed(
         labels.append((file_name, scene.label, scene.largest.colour))
         colour_labels.append((file_name, scene.largest.colour))
         records.append(ground_truth_record(scene, file_name, split))
+        if split == "val":
+            coco_images.append(document["image"] | {"id": index})
+            for annotation, instance in zip(document["annotations"], scene.instances):
+                coco_annotations.append({
+                    "id": annotation["id"], "image_id": index, "category_id": instance.class_index,
+                    "segmentation": annotation["segmentation"], "bbox": annotation["bbox"],
+                    "area": annotation["area"], "iscrowd": 0,
+                })  # fmt: skip
 
         now = time.perf_counter()
         if now - last_log >= PROGRESS_EVERY_S:
@@ -258,7 +271,15 @@ def write_testbed(
     # tables and lists
     _write_csv(root / "captions.csv", ("file", "caption"), captions)
     _write_csv(root / "labels.csv", ("file", "label", "colour"), labels)
+    val_files = {record["file"] for record in records if record["split"] == "val"}
+    # relative to this file's folder, which is how evaluation tables name their images
+    _write_csv(root / "labels_val.csv", ("file", "label", "colour"),
+               [(f"images/{row[0]}", *row[1:]) for row in labels if row[0] in val_files])  # fmt: skip
     _write_csv(root / "colour_labels.csv", ("file", "label"), colour_labels)
+    (root / "coco").mkdir(exist_ok=True)
+    categories = [{"id": index, "name": name} for index, name in enumerate(CLASS_NAMES) if index > 0]
+    coco = {"images": coco_images, "annotations": coco_annotations, "categories": categories}
+    (root / "coco" / "instances_val.json").write_text(_dumps(coco) + "\n", encoding="utf-8")
     lines = "".join(_dumps(record) + "\n" for record in records)
     (root / "ground_truth.jsonl").write_text(lines, encoding="utf-8")
     for name, stems in (("train", splits["train"]), ("val", splits["val"]),

@@ -47,6 +47,13 @@ def precompute_flow(profile: str = "smoke", overrides: list[str] | None = None) 
     ray_info = steps.connect_ray(config)
     timings["ray_start"] = ray_info["seconds"]
 
+    if config.testbed is not None:
+        from samclip.workflows.testbed_flow import testbed_flow
+
+        started = time.monotonic()
+        testbed_flow(profile, overrides)
+        timings["testbed"] = time.monotonic() - started
+
     started = time.monotonic()
     teachers = steps.prepare_teachers(config)
     timings["teachers"] = time.monotonic() - started

@@ -422,3 +422,17 @@ def test_index_rejects_missing_clip_features(tmp_path):
     write_feature_shard(clip_dir, [rows[0]["hash"]], np.zeros((1, 3), np.float16), "float16")
     with pytest.raises(KeyError, match="1 of 2 manifest hashes"):
         build_stage_tables(StageData(manifest, clip_dir), stage=1)
+
+
+def test_finished_run_with_other_teacher_features_is_rejected(tmp_path):
+    from samclip.tasks.train import _check_same_inputs
+    from samclip.tasks.train_data import StageData
+
+    run_uri = str(tmp_path / "stage1-abc")
+    first = StageData(manifest_uri="m.parquet", clip_features_dir="clip/aaa", sam_features_dir="sam/bbb")
+    _check_same_inputs(run_uri, "stage1-abc", first, None)
+    _check_same_inputs(run_uri, "stage1-abc", first, None)  # the same inputs pass
+
+    replaced = StageData(manifest_uri="m.parquet", clip_features_dir="clip/aaa", sam_features_dir="sam/ccc")
+    with pytest.raises(ValueError, match=r"run stage1-abc .*sam_features_dir was sam/bbb, now sam/ccc.*remove that run folder"):
+        _check_same_inputs(run_uri, "stage1-abc", replaced, None)
