@@ -169,6 +169,13 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def remove(uri: str) -> None:
+    """Delete one file or object; a missing one is not an error."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if _is_local(fs):  # object stores have no folders to create

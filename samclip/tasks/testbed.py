@@ -52,8 +52,11 @@ def write_scenes(config: PipelineConfig) -> dict[str, Any]:
 
     settings = config.testbed
     assert settings is not None
+    # The folder belongs to the run: a write cut short, or other settings, start it over (the
+    # writer removes only its own files).
     return write_testbed(
-        scenes_folder(config), settings.count, settings.seed, settings.size, settings.val_fraction
+        scenes_folder(config), settings.count, settings.seed, settings.size, settings.val_fraction,
+        overwrite=True,
     )
 
 
@@ -77,7 +80,16 @@ def teacher_settings(config: PipelineConfig, kind: TeacherKind) -> Any:
     values.setdefault("threads", max(1, int(config.testbed.cpus_per_teacher)))
     if kind == "sam":
         values.setdefault("variant", config.teachers.sam.variant)
-    return settings_type(**values)
+    settings = settings_type(**values)
+    # the teachers draw from train_seed (and train_seed + 1 for CLIP's single-object scenes) and
+    # eval_seed; the pipeline's scenes must be none of them, or a teacher sees evaluation images
+    teacher_seeds = {settings.train_seed, settings.train_seed + 1, settings.eval_seed}
+    if config.testbed.seed in teacher_seeds:
+        raise ValueError(
+            f"testbed.seed {config.testbed.seed} is one of the {kind} teacher's scene seeds "
+            f"{sorted(teacher_seeds)}; choose another testbed.seed or testbed.{kind}.train_seed / eval_seed"
+        )
+    return settings
 
 
 def _targets(config: PipelineConfig, kind: TeacherKind) -> dict[str, str]:
@@ -188,6 +200,10 @@ def train_teacher(config: PipelineConfig, kind: TeacherKind) -> dict[str, Any]:
         raise RuntimeError(f"the {kind} teacher's Ray Train job ended without a checkpoint; see the worker log above")
 
     targets = _targets(config, kind)
+    # A record left from earlier settings must not vouch for files half replaced below.
+    record_uri = _record_uri(config, kind)
+    if storage.exists(record_uri):
+        storage.remove(record_uri)
     with result.checkpoint.as_directory() as folder:
         for name, uri in targets.items():
             source = os.path.join(folder, name)
@@ -203,6 +219,6 @@ def train_teacher(config: PipelineConfig, kind: TeacherKind) -> dict[str, Any]:
         "seconds": time.perf_counter() - started,
         "files": targets,
     }
-    storage.write_json(_record_uri(config, kind), record)  # last: marks the teacher finished
+    storage.write_json(record_uri, record)  # last: marks the teacher finished
     logger.info("trained the %s teacher in %.0f s: %s", kind, record["seconds"], record["result"])
     return record

@@ -52,7 +52,7 @@ class SamTrainConfig:
     eval_scenes: int = 100
     scene_size: int = DEFAULT_SIZE
     batch_size: int = 8  # images per step
-    prompts_per_image: int = 4  # objects prompted per image, drawn with repetition when fewer
+    prompts_per_image: int = 4  # prompts per image, each on an object drawn with replacement
     point_fraction: float = 0.5  # share of prompts that are one interior point instead of a box
     box_jitter: float = 0.1  # largest box-corner offset as a fraction of the box side
     max_steps: int = 1000

@@ -111,3 +111,27 @@ def test_adapter_reads_resnet_dense_features(tmp_path):
     patches = ClipTeacherAsStudent(teacher).clip_patch_embeddings(student_clip_input(image, 64)[None])
     assert patches.shape == (1, 2, 2, 32)  # stride 32 at 64 px
     assert torch.isfinite(patches).all()
+
+
+def test_resnet_dense_features_follow_the_input_resolution(tmp_path):
+    import json
+
+    import open_clip
+
+    from samclip.model.clip_teacher import load_clip_teacher
+    from samclip.model.images import student_clip_input
+
+    config = {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (tmp_path / "adapter-rn2.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / "adapter-rn2.json")
+    model = open_clip.create_model("adapter-rn2", pretrained=None)
+    torch.save(model.state_dict(), tmp_path / "adapter-rn2.bin")
+    teacher = load_clip_teacher("adapter-rn2", tmp_path / "adapter-rn2.bin", tmp_path / "adapter-rn2.json")
+
+    image = np.zeros((256, 256, 3), np.uint8)
+    patches = ClipTeacherAsStudent(teacher).clip_patch_embeddings(student_clip_input(image, 256)[None])
+    assert patches.shape == (1, 8, 8, 32)  # stride 32 at 256 px

@@ -69,3 +69,19 @@ def test_clip_teacher_trains_once_on_ray_then_is_reused(tmp_path, ray_cluster):
 
     other = _config(tmp_path, clip.replace("max_steps: 2", "max_steps: 1"))
     assert testbed.cached_teacher(other, "clip") is None
+
+
+def test_scene_seed_shared_with_a_teacher_is_rejected(tmp_path):
+    config = _config(tmp_path, "testbed.seed=2000")
+    with pytest.raises(ValueError, match="testbed.seed 2000 is one of the clip teacher's scene seeds"):
+        testbed.teacher_settings(config, "clip")
+
+
+def test_interrupted_scene_folder_is_written_again(tmp_path):
+    config = _config(tmp_path)
+    folder = tmp_path / "testbed" / "scenes" / "images"
+    folder.mkdir(parents=True)
+    (folder / "scene_000000.png").write_bytes(b"cut short")  # a write stopped before testbed.json
+    summary = testbed.write_scenes(config)
+    assert summary["counts"]["scenes"] == 8
+    assert (folder / "scene_000000.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
