@@ -214,7 +214,8 @@ def train_teacher(config: PipelineConfig, kind: TeacherKind) -> dict[str, Any]:
         report = json.loads(Path(folder, report_name).read_text(encoding="utf-8"))
     record = {
         "key": _record_key(config, kind),
-        "result": {k: v for k, v in report["result"].items() if k != "history"},
+        # the trainer's own paths name its temporary folder; "files" has the final locations
+        "result": {k: v for k, v in report["result"].items() if k != "history" and not k.endswith("_path")},
         "history": report["result"].get("history", []),
         "seconds": time.perf_counter() - started,
         "files": targets,

@@ -43,6 +43,13 @@ def check_claims(config: PipelineConfig, model_rows: list[dict[str, Any]], timin
     chance = 1.0 / max(1, len([name for name in classes if name != "background"]))
     verdicts = claims_module.check_claims(rows, chance)
     timings = {**timings, "teacher rows and claims": time.monotonic() - started}
+    # A rerun reuses the trained teachers, so their recorded training time is listed too.
+    from samclip.tasks.testbed import cached_teacher
+
+    for kind in ("clip", "sam"):
+        record = cached_teacher(config, kind)
+        if record is not None:
+            timings[f"{kind} teacher training, recorded ({record['result']['steps']} steps)"] = float(record["seconds"])
     notes = [
         f"Profile `{config.profile}`: {config.testbed.count if config.testbed else '?'} scenes, "
         f"scored on the held-out split against ground truth (at most {config.evaluate.max_images or 'all'} images "

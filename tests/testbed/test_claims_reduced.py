@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.testbed]
+# Teacher training dominates: about 15 minutes on a busy 2-core machine.
+pytestmark = [pytest.mark.slow, pytest.mark.testbed, pytest.mark.timeout(3000)]
 
 REDUCED = [
     "testbed.count=160",
