@@ -19,7 +19,6 @@ threshold is stated in its claim's text.
 
 from __future__ import annotations
 
-import io
 import logging
 from typing import Any
 
@@ -224,32 +223,18 @@ def plot_claims(rows: list[dict[str, Any]], title: str) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from samclip.tasks.compare import draw_models, figure_png
+
     figure, axis = plt.subplots(figsize=(8, 5.5))
     clip_teacher, sam_teacher = _row(rows, "clip-teacher"), _row(rows, "sam-teacher")
     axis.axvline(clip_teacher[CLS], color="tab:blue", ls=":", lw=1.2, label=f"CLIP teacher top-1 {clip_teacher[CLS]:.3f}")
     axis.axhline(sam_teacher[BOX], color="tab:red", ls=":", lw=1.2, label=f"SAM teacher box IoU {sam_teacher[BOX]:.3f}")
     axis.axhline(KEEP * sam_teacher[BOX], color="tab:red", ls="--", lw=0.8, alpha=0.6, label=f"{KEEP:.0%} of the SAM teacher")
     models = [row for row in rows if BOX in row["metrics"] and CLS in row["metrics"]]
-    curve = sorted((row["metrics"][CLS], row["metrics"][BOX]) for row in models if row["kind"] in ("reference", "wise-ft", "naive"))
-    if curve:
-        axis.plot(*zip(*curve), "-", color="tab:gray", lw=1, alpha=0.7, label="Wise-FT interpolation")
-    markers = {"reference": "s", "naive": "v", "wise-ft": "o", "samclip": "*"}
-    colours = plt.get_cmap("tab10")
-    for index, row in enumerate(models):
-        axis.scatter(
-            [row["metrics"][CLS]], [row["metrics"][BOX]], marker=markers.get(row["kind"], "o"), color=colours(index % 10),
-            s=200 if row["kind"] == "samclip" else 70, zorder=3, label=row["model"],
-        )  # fmt: skip
+    draw_models(axis, models, CLS, BOX)
     axis.set_xlabel(f"zero-shot classification, {CLS} (ground truth)")
     axis.set_ylabel(f"box-prompted mask IoU, {BOX} (ground truth)")
-    axis.set_title(title)
-    axis.margins(0.15)
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, axis, title)
 
 
 def claims_markdown(

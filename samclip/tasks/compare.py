@@ -141,6 +141,42 @@ def write_comparison(rows: list[dict[str, Any]], output_uri: str, title: str) ->
     return md_uri, json_uri, plot_uri
 
 
+MODEL_MARKERS = {"reference": "s", "naive": "v", "wise-ft": "o", "samclip": "*"}
+
+
+def draw_models(axis: Any, rows: list[dict[str, Any]], x_key: str, y_key: str) -> None:
+    """Draw one marker per model row at (x_key, y_key), and the Wise-FT curve through the reference, Wise-FT and naive rows."""
+    import matplotlib.pyplot as plt
+
+    curve = sorted(
+        (row["metrics"][x_key], row["metrics"][y_key])
+        for row in rows
+        if row["kind"] in ("reference", "wise-ft", "naive")
+    )
+    if curve:
+        axis.plot(*zip(*curve), "--", color="tab:gray", lw=1, label="Wise-FT interpolation")
+    colours = plt.get_cmap("tab10")
+    for index, row in enumerate(rows):
+        axis.scatter(
+            [row["metrics"][x_key]], [row["metrics"][y_key]], marker=MODEL_MARKERS.get(row["kind"], "o"),
+            color=colours(index % 10), s=180 if row["kind"] == "samclip" else 70, zorder=3, label=row["model"],
+        )  # fmt: skip
+
+
+def figure_png(figure: Any, axis: Any, title: str) -> bytes:
+    """Title the plot, put the legend on the right, and return the figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    axis.set_title(title)
+    axis.margins(0.15)
+    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def plot_tradeoff(rows: list[dict[str, Any]], title: str) -> bytes:
     """Plot CLIP ability gained (x) against SAM ability kept (y); Wise-FT points form a curve.
 
@@ -154,30 +190,10 @@ def plot_tradeoff(rows: list[dict[str, Any]], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 5.5))
-    markers = {"reference": "s", "naive": "v", "wise-ft": "o", "samclip": "*"}
-    curve = sorted(
-        (row["metrics"][CLIP_ABILITY], row["metrics"][SAM_ABILITY])
-        for row in rows
-        if row["kind"] in ("reference", "wise-ft", "naive")
-    )
-    if curve:
-        axis.plot(*zip(*curve), "--", color="tab:gray", lw=1, label="Wise-FT interpolation")
-    colours = plt.get_cmap("tab10")
-    for index, row in enumerate(rows):
-        axis.scatter(
-            [row["metrics"][CLIP_ABILITY]], [row["metrics"][SAM_ABILITY]], marker=markers[row["kind"]],
-            color=colours(index % 10), s=180 if row["kind"] == "samclip" else 70, zorder=3, label=row["model"],
-        )  # fmt: skip
+    draw_models(axis, rows, CLIP_ABILITY, SAM_ABILITY)
     axis.set_xlabel(f"CLIP ability gained: {CLIP_ABILITY} (CLIP teacher = 1.0)")
     axis.set_ylabel(f"SAM ability kept: {SAM_ABILITY} (SAM teacher = 1.0)")
-    axis.set_title(title)
-    axis.margins(0.15)
-    axis.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure, axis, title)
 
 
 def run_comparison(

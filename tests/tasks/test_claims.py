@@ -87,26 +87,33 @@ def test_adapter_patch_tokens_project_into_the_joint_space(tiny_clip):
     assert tiny_clip.model.visual.output_tokens is False  # restored
 
 
-def test_adapter_reads_resnet_dense_features(tmp_path):
+RESNET_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def _resnet_teacher(folder, name):
+    """Save a random open_clip ModifiedResNet CLIP as config + weights and load it as a teacher."""
     import json
 
     import open_clip
 
     from samclip.model.clip_teacher import load_clip_teacher
+
+    (folder / f"{name}.json").write_text(json.dumps(RESNET_CLIP))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name, pretrained=None)
+    torch.save(model.state_dict(), folder / f"{name}.bin")
+    return load_clip_teacher(name, folder / f"{name}.bin", folder / f"{name}.json")
+
+
+def test_adapter_reads_resnet_dense_features(tmp_path):
     from samclip.model.images import student_clip_input
 
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "adapter-rn.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "adapter-rn.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("adapter-rn", pretrained=None)
-    torch.save(model.state_dict(), tmp_path / "adapter-rn.bin")
-    teacher = load_clip_teacher("adapter-rn", tmp_path / "adapter-rn.bin", tmp_path / "adapter-rn.json")
-
+    teacher = _resnet_teacher(tmp_path, "adapter-rn")
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     patches = ClipTeacherAsStudent(teacher).clip_patch_embeddings(student_clip_input(image, 64)[None])
     assert patches.shape == (1, 2, 2, 32)  # stride 32 at 64 px
@@ -114,24 +121,9 @@ def test_adapter_reads_resnet_dense_features(tmp_path):
 
 
 def test_resnet_dense_features_follow_the_input_resolution(tmp_path):
-    import json
-
-    import open_clip
-
-    from samclip.model.clip_teacher import load_clip_teacher
     from samclip.model.images import student_clip_input
 
-    config = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (tmp_path / "adapter-rn2.json").write_text(json.dumps(config))
-    open_clip.add_model_config(tmp_path / "adapter-rn2.json")
-    model = open_clip.create_model("adapter-rn2", pretrained=None)
-    torch.save(model.state_dict(), tmp_path / "adapter-rn2.bin")
-    teacher = load_clip_teacher("adapter-rn2", tmp_path / "adapter-rn2.bin", tmp_path / "adapter-rn2.json")
-
+    teacher = _resnet_teacher(tmp_path, "adapter-rn2")
     image = np.zeros((256, 256, 3), np.uint8)
     patches = ClipTeacherAsStudent(teacher).clip_patch_embeddings(student_clip_input(image, 256)[None])
     assert patches.shape == (1, 8, 8, 32)  # stride 32 at 256 px
