@@ -46,9 +46,9 @@ class ClipTeacherAsStudent(torch.nn.Module):
 
     Inputs arrive as the student's: (B, 3, S, S) normalised with SAM's pixel statistics. They are
     mapped back to pixels, resized to the teacher's input side and normalised with its own mean
-    and std. ``clip_patch_embeddings`` returns the vision transformer's patch tokens after its
-    final layer norm, projected into the joint space with the same matrix as the class token (the
-    usual way to read dense predictions from CLIP); a ResNet tower gives its MaskCLIP features.
+    and std. For a vision transformer, ``clip_patch_embeddings`` returns the patch tokens after
+    the final layer norm, projected into the joint space with the class token's matrix. For a
+    ResNet tower it returns MaskCLIP features (see the method).
     """
 
     def __init__(self, teacher) -> None:
@@ -158,7 +158,7 @@ def _row(rows: list[dict[str, Any]], kind: str) -> dict[str, float]:
 
 
 def check_claims(rows: list[dict[str, Any]], chance: float) -> list[dict[str, Any]]:
-    """State the paper's five claims as comparisons of the rows' metrics; say which reproduced."""
+    """Check the paper's five claims as comparisons of the rows' metrics and mark each reproduced or not."""
     clip_teacher, sam_teacher = _row(rows, "clip-teacher"), _row(rows, "sam-teacher")
     probed, naive, merged = _row(rows, "reference"), _row(rows, "naive"), _row(rows, "samclip")
     wise = [row for row in rows if row["kind"] == "wise-ft"]

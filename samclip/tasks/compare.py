@@ -182,7 +182,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], title: str) -> bytes:
 
     Both teachers score 1.0 on their own axis and have no value on the other, so they are named
     in the axis labels rather than drawn (a point at 0 would squeeze every model into a corner).
-    Points are told apart by the legend, because on small runs they lie close together.
+    The legend identifies each point, because on small runs the points lie close together.
     """
     import matplotlib
 

@@ -81,8 +81,8 @@ def teacher_settings(config: PipelineConfig, kind: TeacherKind) -> Any:
     if kind == "sam":
         values.setdefault("variant", config.teachers.sam.variant)
     settings = settings_type(**values)
-    # the teachers draw from train_seed (and train_seed + 1 for CLIP's single-object scenes) and
-    # eval_seed; the pipeline's scenes must be none of them, or a teacher sees evaluation images
+    # The teachers draw scenes from train_seed, train_seed + 1 (CLIP's single-object scenes) and
+    # eval_seed. The pipeline's seed must differ, so that no teacher trains on evaluation images.
     teacher_seeds = {settings.train_seed, settings.train_seed + 1, settings.eval_seed}
     if config.testbed.seed in teacher_seeds:
         raise ValueError(

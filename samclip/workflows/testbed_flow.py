@@ -55,8 +55,8 @@ def testbed_flow(profile: str = "shapes", overrides: list[str] | None = None) ->
     scenes = write_scenes(config)
     timings["scenes"] = time.monotonic() - started
 
-    # Both tasks run in threads of this process; importing their libraries here first keeps
-    # two threads from importing torchvision at once, which deadlocks Python's import locks.
+    # Both tasks run in threads of this process. Two threads importing torchvision at once
+    # deadlock on Python's import locks, so the libraries are imported here first.
     import samclip.testbed.train_clip  # noqa: F401
     import samclip.testbed.train_sam  # noqa: F401
 

@@ -39,7 +39,8 @@ def test_claims_fail_when_the_numbers_say_otherwise():
     # SAM-CLIP loses 10% of the box IoU, and the CLIP head alone segments better than both heads
     merged = {CLS: 0.78, SEG: 0.60, TEXTSEG: 0.55, BOX: 0.72}
     verdicts = _verdicts(_rows(merged=merged))
-    assert verdicts[3] is False and verdicts[5] is False
+    assert verdicts[3] is False
+    assert verdicts[5] is False
     # a Wise-FT point that reaches both thresholds makes claim 4 fail
     assert _verdicts(_rows(wise=((0.79, 0.79),)))[4] is False
 
@@ -49,7 +50,8 @@ def test_results_file_and_plot(tmp_path):
     claims = check_claims(rows, chance=0.2)
     text = claims_markdown(rows, claims, {"teachers": 12.0, "compare": 30.0}, "claims.png", ["a note"])
     assert "| SAM teacher | n/a | n/a | n/a | 0.800 |" in text
-    assert "1. **reproduced**" in text and "| compare | 30 |" in text
+    assert "1. **reproduced**" in text
+    assert "| compare | 30 |" in text
     png = plot_claims(rows, "title")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -26,7 +26,8 @@ def test_shapes_profile_points_at_the_testbed(tmp_path):
     assert config.evaluate.classification == f"{scenes}/labels_val.csv"
     assert config.evaluate.instances == f"{scenes}/coco/instances_val.json"
     assert testbed.scenes_folder(config) == scenes
-    assert config.teachers.clip.model == MODEL_NAME and not config.teachers.sam.create_random
+    assert config.teachers.clip.model == MODEL_NAME
+    assert not config.teachers.sam.create_random
 
 
 def test_unknown_trainer_setting_names_the_field(tmp_path):
@@ -50,14 +51,15 @@ def test_scenes_are_written_with_the_evaluation_files(tmp_path):
         assert (root / name).is_file(), name
 
 
-def test_clip_teacher_trains_once_on_ray_then_is_reused(tmp_path, ray_cluster):
+def test_clip_teacher_reused_after_training(tmp_path, ray_cluster):
     clip = f"testbed.clip={{train_scenes: 16, eval_scenes: 8, scene_size: 48, batch_size: 8, max_steps: 2, eval_every: 2, warmup_steps: 1, model_config: {TINY_CLIP}}}"
     config = _config(tmp_path, clip)
     record = testbed.train_teacher(config, "clip")
 
     assert record["result"]["steps"] == 2
     weights = tmp_path / "testbed" / "teachers" / f"{MODEL_NAME}.bin"
-    assert weights.is_file() and (tmp_path / "testbed" / "teachers" / f"{MODEL_NAME}.json").is_file()
+    assert weights.is_file()
+    assert (tmp_path / "testbed" / "teachers" / f"{MODEL_NAME}.json").is_file()
     from samclip.model.clip_teacher import load_clip_teacher
 
     teacher = load_clip_teacher(MODEL_NAME, weights, weights.with_suffix(".json"))
@@ -65,7 +67,8 @@ def test_clip_teacher_trains_once_on_ray_then_is_reused(tmp_path, ray_cluster):
 
     modified = weights.stat().st_mtime_ns
     again = testbed.train_teacher(config, "clip")
-    assert again == record and weights.stat().st_mtime_ns == modified
+    assert again == record
+    assert weights.stat().st_mtime_ns == modified
 
     other = _config(tmp_path, clip.replace("max_steps: 2", "max_steps: 1"))
     assert testbed.cached_teacher(other, "clip") is None

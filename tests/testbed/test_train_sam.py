@@ -20,7 +20,8 @@ def test_train_sam_saves_official_checkpoint(tmp_path):
     assert result.steps == 3
     assert [entry["step"] for entry in result.history] == [2, 3]
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in result.history)
-    assert 0.0 <= result.box_iou <= 1.0 and 0.0 <= result.point_iou <= 1.0
+    assert 0.0 <= result.box_iou <= 1.0
+    assert 0.0 <= result.point_iou <= 1.0
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert {key.split(".")[0] for key in saved} == {"image_encoder", "prompt_encoder", "mask_decoder"}
     load_sam_checkpoint(tmp_path / CHECKPOINT_NAME, "tiny")
