@@ -103,14 +103,30 @@ def _print_pipeline_summary(outputs, wall_seconds: float, flow_entry_seconds: fl
         f"                      {outputs.evaluation.report_json_uri}",
     ]
     lines += [f"  overlay             {uri}" for uri in outputs.evaluation.overlay_uris]
+    datasets = outputs.datasets
+    if datasets is not None:
+        lines += [
+            f"  dataset evaluation  {datasets.report_md_uri}",
+            f"                      {datasets.report_json_uri}",
+        ]
+        lines += [f"  dataset overlay     {uri}" for uri in datasets.overlay_uris]
     registered = outputs.registered
     lines += [
         f"  registered model    {registered.name} version {registered.version} (@{registered.alias})",
         f"  registry            {registered.tracking_uri}",
         "",
-        "Evaluation (the smoke profile's teachers are random: these numbers measure agreement with them)",
     ]
+    if outputs.random_teachers:
+        lines.append(
+            f"Evaluation (the {outputs.profile} profile's teachers are random: "
+            "these numbers measure agreement with them)"
+        )
+    else:
+        lines.append("Evaluation: agreement with the teachers on the manifest's held-out images")
     lines += [f"  {key:34s} {value:.4f}" for key, value in sorted(outputs.evaluation.metrics.items())]
+    if datasets is not None:
+        lines += ["", "Evaluation against ground truth (the datasets in the profile's evaluate section)"]
+        lines += [f"  {key:34s} {value:.4f}" for key, value in sorted(datasets.metrics.items())]
     timings = outputs.timings
     work = sum(v for k, v in timings.items() if k != "ray_start")
     startup = flow_entry_seconds + timings.get("ray_start", 0.0)
@@ -212,11 +228,19 @@ def _verify_registered(args: argparse.Namespace) -> int:
         name=f"verify-{name}-v{meta['version']}",
         model=model,
     )
+    metrics = dict(result.metrics)
+    if config.evaluate.has_datasets:
+        from samclip.tasks.eval_suite import evaluate_datasets
+
+        # the registered version already has its MLflow run; this one is only a check
+        check = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"mlflow": False})})
+        datasets = evaluate_datasets(check, None, model=model, name=f"verify-{name}-v{meta['version']}-datasets")
+        metrics.update(datasets.metrics)
     registered = meta["evaluation"]
     print(f"{name}@{alias} is version {meta['version']} (run {meta['run_id']})")
     worst = 0.0
     for key in sorted(registered):
-        now = result.metrics.get(key, float("nan"))
+        now = metrics.get(key, float("nan"))
         difference = abs(now - registered[key])
         worst = max(worst, difference) if difference == difference else float("inf")
         print(f"  {key:34s} registered {registered[key]:.6f}  now {now:.6f}  diff {difference:.2e}")

@@ -250,6 +250,11 @@ class EvaluateConfig(Section):
     max_images: int | None = Field(None, ge=1)  # per dataset, for quick runs
     mlflow: bool = True  # log dataset evaluations to the registry's tracking URI
 
+    @property
+    def has_datasets(self) -> bool:
+        """True when any ground-truth dataset is configured (the pipeline then scores on it)."""
+        return bool(self.classification or self.segmentation or self.instances)
+
 
 class PromotionGates(Section):
     """Conditions a new version must meet before it takes the champion alias.

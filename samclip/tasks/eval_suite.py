@@ -167,7 +167,7 @@ def evaluate_datasets(
 
     started = time.monotonic()
     settings = config.evaluate
-    if not (settings.classification or settings.segmentation or settings.instances):
+    if not settings.has_datasets:
         raise ValueError("no dataset to evaluate: set evaluate.classification, evaluate.segmentation or evaluate.instances")
     if model is None:
         if checkpoint_uri is None:

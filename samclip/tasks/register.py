@@ -184,8 +184,28 @@ def file_sha256(uri: str) -> str:
     return hashlib.sha256(storage.read_bytes(uri)).hexdigest()
 
 
-def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict[str, Any]) -> RegisteredModel:
-    """Log the model, its evaluation and lineage to one MLflow run and register a new version."""
+def registered_metrics(evaluation, datasets=None) -> dict[str, float]:
+    """Merge the agreement evaluation's metrics with the ground-truth evaluation's, if any.
+
+    The two use different keys (``eval_suite`` and ``evaluate`` name theirs apart); a key in both
+    is an error rather than one silently replacing the other.
+    """
+    metrics = dict(evaluation.metrics)
+    if datasets is not None:
+        shared = sorted(set(metrics) & set(datasets.metrics))
+        if shared:
+            raise ValueError(f"metrics {shared} come from both evaluations; rename one of them")
+        metrics.update(datasets.metrics)
+    return metrics
+
+
+def register(
+    config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict[str, Any], datasets=None
+) -> RegisteredModel:
+    """Log the model, its evaluation and lineage to one MLflow run and register a new version.
+
+    ``datasets`` (an ``eval_suite.DatasetEvalResult``) adds the ground-truth metrics and reports.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -195,7 +215,7 @@ def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: d
     lineage = {**lineage, "code_version": code_version(), "checkpoint_uri": checkpoint_uri}
     if lineage.get("manifest_uri") and "manifest_sha256" not in lineage:
         lineage["manifest_sha256"] = file_sha256(lineage["manifest_uri"])
-    metrics = dict(evaluation.metrics)
+    metrics = registered_metrics(evaluation, datasets)
 
     run = client.create_run(experiment_id, run_name=f"register-{config.registry.model_name}")
     run_id = run.info.run_id
@@ -206,10 +226,14 @@ def register(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: d
         Path(model_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         Path(model_dir, "lineage.json").write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str))
         client.log_artifacts(run_id, str(model_dir), MODEL_ARTIFACT)
-        for report_uri in (evaluation.report_json_uri, evaluation.report_md_uri):
-            local = Path(folder, Path(report_uri).name)
+        reports = [("evaluation", evaluation.report_json_uri), ("evaluation", evaluation.report_md_uri)]
+        if datasets is not None:
+            reports += [("evaluation/datasets", datasets.report_json_uri), ("evaluation/datasets", datasets.report_md_uri)]
+        for index, (artifact_path, report_uri) in enumerate(reports):
+            local = Path(folder, f"report-{index}", Path(report_uri).name)
+            local.parent.mkdir()
             local.write_bytes(storage.read_bytes(report_uri))
-            client.log_artifact(run_id, str(local), "evaluation")
+            client.log_artifact(run_id, str(local), artifact_path)
 
     for key, value in _numeric_metrics(metrics).items():
         client.log_metric(run_id, _mlflow_metric_key(key), value)

@@ -39,8 +39,8 @@ def registered_markdown(registered: Any) -> str:
     ])
 
 
-def publish_run_artifacts(evaluation: Any, sweep: Any, registered: Any) -> list[str]:
-    """Create the run's artifacts and return their ids."""
+def publish_run_artifacts(evaluation: Any, sweep: Any, registered: Any, datasets: Any = None) -> list[str]:
+    """Create the run's artifacts and return their ids; ``datasets`` is the ground-truth evaluation."""
     ids = [
         create_markdown_artifact(
             evaluation_markdown("the final model", evaluation.metrics),
@@ -57,6 +57,15 @@ def publish_run_artifacts(evaluation: Any, sweep: Any, registered: Any) -> list[
     ]
     for index, uri in enumerate(evaluation.overlay_uris, start=1):
         ids.append(create_link_artifact(_link(uri), link_text=f"overlay {index}"))
+    if datasets is not None:
+        ids.append(create_markdown_artifact(
+            evaluation_markdown("the final model against ground truth", datasets.metrics),
+            key="samclip-evaluation-datasets",
+            description="The final model on the configured evaluation datasets",
+        ))  # fmt: skip
+        ids.append(create_link_artifact(_link(datasets.report_md_uri), link_text="dataset evaluation report"))
+        for index, uri in enumerate(datasets.overlay_uris, start=1):
+            ids.append(create_link_artifact(_link(uri), link_text=f"dataset overlay {index}"))
     if sweep.trials:
         rows = [
             {key: value for key, value in trial.items() if isinstance(value, (int, float, str))}

@@ -1,5 +1,9 @@
 """The whole pipeline: curate → precompute → stage 1 → stage 2 sweep → stage 3 → evaluate → register.
 
+The evaluate step always scores agreement with the teachers on the manifest's held-out images;
+when ``evaluate`` names ground-truth datasets (the ``shapes`` profile does), it also scores the
+final model on them, and both sets of metrics are registered with the model.
+
 Run with ``samclip run --profile smoke`` (``make run``), or as the ``samclip-pipeline``
 deployment of ``prefect.yaml``. Every step reuses what storage already contains, so a rerun
 after a failure continues where the first run stopped. A retry of the same flow run also
@@ -31,6 +35,8 @@ class PipelineOutputs:
     evaluation: Any
     registered: Any
     final_checkpoint: str
+    datasets: Any = None  # the ground-truth evaluation, when ``evaluate`` names datasets
+    random_teachers: bool = False  # the profile's teachers have random weights (smoke)
     timings: dict[str, float] = field(default_factory=dict)
     flow_started: float = 0.0
 
@@ -59,6 +65,11 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
     started = time.monotonic()
     evaluation = steps.evaluate_model(config, final_checkpoint, data.manifest_uri, data.features, "final")
     timings["evaluate"] = time.monotonic() - started
+    datasets = None
+    if config.evaluate.has_datasets:
+        started = time.monotonic()
+        datasets = steps.evaluate_on_datasets(config, final_checkpoint, "final-datasets")
+        timings["evaluate_datasets"] = time.monotonic() - started
 
     lineage = {
         "profile": config.profile,
@@ -77,10 +88,10 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
         "ray_address": data.ray.get("address"),
     }
     started = time.monotonic()
-    registered = steps.register_model(config, final_checkpoint, evaluation, lineage)
+    registered = steps.register_model(config, final_checkpoint, evaluation, lineage, datasets)
     timings["register"] = time.monotonic() - started
 
-    steps.publish_artifacts(evaluation, swept.sweep, registered)
+    steps.publish_artifacts(evaluation, swept.sweep, registered, datasets)
 
     return PipelineOutputs(
         profile=config.profile,
@@ -90,6 +101,8 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
         evaluation=evaluation,
         registered=registered,
         final_checkpoint=final_checkpoint,
+        datasets=datasets,
+        random_teachers=config.teachers.sam.create_random or config.teachers.clip.create_random,
         timings=timings,
         flow_started=flow_started,
     )

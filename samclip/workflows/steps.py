@@ -95,23 +95,33 @@ def evaluate_model(config: PipelineConfig, checkpoint_uri: str, manifest_uri: st
     return result
 
 
+@task(name="evaluate-datasets", **CACHED)
+def evaluate_on_datasets(config: PipelineConfig, checkpoint_uri: str, name: str):
+    """Score a checkpoint against the ground truth of the datasets in ``evaluate``."""
+    from samclip.tasks.eval_suite import evaluate_datasets
+
+    result = evaluate_datasets(config, checkpoint_uri, name=name)
+    get_run_logger().info("dataset evaluation: %s", result.metrics)
+    return result
+
+
 # Registering is not idempotent (each call creates a model version), so the task does not retry
 # on its own. NOTE: a retry of the whole flow after MLflow created the version, but before the
 # task returned, registers one more version with the same files.
 @task(name="register")
-def register_model(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict):
+def register_model(config: PipelineConfig, checkpoint_uri: str, evaluation, lineage: dict, datasets=None):
     from samclip.tasks.register import register
 
-    result = register(config, checkpoint_uri, evaluation, lineage)
+    result = register(config, checkpoint_uri, evaluation, lineage, datasets=datasets)
     get_run_logger().info("registered %s version %s (@%s)", result.name, result.version, result.alias)
     return result
 
 
 @task(name="publish-artifacts", retries=2, retry_delay_seconds=5)
-def publish_artifacts(evaluation, sweep, registered) -> list[str]:
-    """Publish the evaluation table, links to overlays and plots, and the registered version."""
+def publish_artifacts(evaluation, sweep, registered, datasets=None) -> list[str]:
+    """Publish the evaluation tables, links to overlays and plots, and the registered version."""
     from samclip.workflows.artifacts import publish_run_artifacts
 
-    ids = publish_run_artifacts(evaluation, sweep, registered)
+    ids = publish_run_artifacts(evaluation, sweep, registered, datasets)
     get_run_logger().info("published %d Prefect artifacts", len(ids))
     return ids

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from samclip.config import PromotionGates, load_config
-from samclip.tasks.register import check_gates, register
+from samclip.tasks.register import check_gates, register, registered_metrics
 
 GOOD = {"objective/clip": 0.60, "objective/sam": 0.70, "cls/top1_student": 0.2}
 
@@ -99,6 +99,24 @@ def test_gates_regression_tolerance():
 def test_gates_nan_metric_fails():
     gates = PromotionGates(min_values={"objective/clip": 0.0})
     assert not check_gates({**GOOD, "objective/clip": float("nan")}, None, gates).passed
+
+
+def test_registered_metrics_merge_ground_truth_metrics():
+    agreement = SimpleNamespace(metrics={"objective/clip": 0.6, "sam/miou_vs_teacher": 0.7})
+    truth = SimpleNamespace(metrics={"cls/top1": 0.5, "sam/box_miou_vs_truth": 0.8})
+
+    merged = registered_metrics(agreement, truth)
+
+    assert merged == {**agreement.metrics, **truth.metrics}
+    assert registered_metrics(agreement) == agreement.metrics
+
+
+def test_registered_metrics_reject_a_key_in_both_evaluations():
+    agreement = SimpleNamespace(metrics={"cls/top1": 0.6})
+    truth = SimpleNamespace(metrics={"cls/top1": 0.5})
+
+    with pytest.raises(ValueError, match=r"\['cls/top1'\] come from both evaluations"):
+        registered_metrics(agreement, truth)
 
 
 def _register_three(config, checkpoint: str, root: Path):

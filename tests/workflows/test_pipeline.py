@@ -10,17 +10,24 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+# two whole pipeline runs in one fixture: longer than the suite-wide 900 s on a busy machine
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, ray_cluster, prefect_harness):
     from samclip.workflows.pipeline import pipeline_flow
 
+    from samclip.testbed.writer import write_testbed
+
     root = tmp_path_factory.mktemp("pipeline")
+    # a few testbed scenes give the final model ground truth to be scored against
+    scenes = root / "scenes"
+    write_testbed(scenes, count=12, seed=0, size=64, val_fraction=0.5)
     overrides = [
         f"storage.root={root}",
         "data.limit=12",
@@ -31,6 +38,14 @@ def pipeline_run(tmp_path_factory, ray_cluster, prefect_harness):
         "train.stage3.max_steps=1",
         "sweep.num_samples=2",
         "evaluate.overlays=2",
+        f"evaluate.classification={scenes}/labels_val.csv",
+        f"evaluate.segmentation={scenes}/voc",
+        "evaluate.segmentation_split=val",
+        f"evaluate.segmentation_images={scenes}/images",
+        f"evaluate.instances={scenes}/coco/instances_val.json",
+        f"evaluate.instance_images={scenes}/images",
+        "evaluate.dataset_seg_resolution=64",
+        "evaluate.max_images=4",
     ]
     first = pipeline_flow(profile="smoke", overrides=overrides)
     second = pipeline_flow(profile="smoke", overrides=overrides)
@@ -57,6 +72,22 @@ def test_pipeline_writes_every_output(pipeline_run):
         assert storage.exists(uri), uri
     assert len(first.evaluation.overlay_uris) == 2
     assert first.registered.version == "1"
+
+
+def test_pipeline_scores_final_model_against_ground_truth(pipeline_run):
+    from samclip.tasks import storage
+    from samclip.tasks.register import download_registered
+
+    root, _, first, _ = pipeline_run
+    datasets = first.datasets
+    assert storage.exists(datasets.report_md_uri)
+    truth_keys = {"cls/top1", "seg/miou", "textseg/miou", "sam/box_miou_vs_truth"}
+    assert truth_keys <= set(datasets.metrics)
+    registered = first.registered
+    meta = download_registered(registered.name, registered.alias, registered.tracking_uri, str(root / "download"))
+    logged = json.loads((Path(meta["path"]) / "evaluation.json").read_text())
+    assert {key: logged[key] for key in truth_keys} == {key: datasets.metrics[key] for key in truth_keys}
+    assert "sam/miou_vs_teacher" in logged
 
 
 def test_pipeline_rerun_computes_no_features(pipeline_run):
