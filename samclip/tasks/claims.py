@@ -237,6 +237,33 @@ def plot_claims(rows: list[dict[str, Any]], title: str) -> bytes:
     return figure_png(figure, axis, title)
 
 
+def teacher_training_note(records: dict[str, dict[str, Any] | None]) -> str:
+    """Describe each teacher's held-out scores at the end of its training, from its record."""
+    parts = []
+    clip = records.get("clip")
+    if clip:
+        result, settings = clip["result"], clip["key"]["settings"]
+        reached = "reached" if result["reached_targets"] else "NOT reached"
+        parts.append(
+            f"CLIP after {result['steps']} steps: shape {result['class_accuracy']:.3f} and colour "
+            f"{result['colour_accuracy']:.3f} on single-object scenes (targets "
+            f"{settings['target_class_accuracy']:.2f} / {settings['target_colour_accuracy']:.2f}, {reached}); "
+            f"on scenes of 1 to 3 objects, by the largest object, shape "
+            f"{result['scene_class_accuracy']:.3f} and colour {result['scene_colour_accuracy']:.3f}"
+        )
+    sam = records.get("sam")
+    if sam:
+        result, settings = sam["result"], sam["key"]["settings"]
+        reached = "reached" if result["reached_target"] else "NOT reached"
+        parts.append(
+            f"SAM after {result['steps']} steps: box-prompted mask IoU {result['box_iou']:.3f} (target "
+            f"{settings['target_box_iou']:.2f}, {reached}), point-prompted {result['point_iou']:.3f}"
+        )
+    if not parts:
+        return "The teachers' training records were not found."
+    return "Teachers, held-out scenes of their own seeds at the end of training: " + "; ".join(parts) + "."
+
+
 def claims_markdown(
     rows: list[dict[str, Any]], claims: list[dict[str, Any]], timings: dict[str, float], plot_name: str, notes: list[str]
 ) -> str:

@@ -81,9 +81,12 @@ def teacher_settings(config: PipelineConfig, kind: TeacherKind) -> Any:
     if kind == "sam":
         values.setdefault("variant", config.teachers.sam.variant)
     settings = settings_type(**values)
-    # The teachers draw scenes from train_seed, train_seed + 1 (CLIP's single-object scenes) and
-    # eval_seed. The pipeline's seed must differ, so that no teacher trains on evaluation images.
-    teacher_seeds = {settings.train_seed, settings.train_seed + 1, settings.eval_seed}
+    # The teachers draw scenes from train_seed and eval_seed, and the CLIP teacher its
+    # single-object scenes from train_seed + 1 and eval_seed + 1. The pipeline's seed must
+    # differ from all of them, so that no teacher trains or stops on evaluation images.
+    teacher_seeds = {settings.train_seed, settings.eval_seed}
+    if kind == "clip":
+        teacher_seeds |= {settings.train_seed + 1, settings.eval_seed + 1}
     if config.testbed.seed in teacher_seeds:
         raise ValueError(
             f"testbed.seed {config.testbed.seed} is one of the {kind} teacher's scene seeds "

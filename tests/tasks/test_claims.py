@@ -8,6 +8,7 @@ import torch
 
 from samclip.tasks.claims import (
     BOX, CLS, SEG, TEXTSEG, ClipTeacherAsStudent, check_claims, claims_markdown, plot_claims,
+    teacher_training_note,
 )  # fmt: skip
 
 
@@ -129,3 +130,23 @@ def test_resnet_dense_features_follow_the_input_resolution(tmp_path):
     image = np.zeros((256, 256, 3), np.uint8)
     patches = ClipTeacherAsStudent(teacher).clip_patch_embeddings(student_clip_input(image, 256)[None])
     assert patches.shape == (1, 8, 8, 32)  # stride 32 at 256 px
+
+
+def test_teacher_note_states_targets_and_whether_reached():
+    clip = {
+        "result": {"steps": 900, "class_accuracy": 0.813, "colour_accuracy": 1.0, "reached_targets": True,
+                   "scene_class_accuracy": 0.54, "scene_colour_accuracy": 0.873},
+        "key": {"settings": {"target_class_accuracy": 0.8, "target_colour_accuracy": 0.8}},
+    }  # fmt: skip
+    sam = {
+        "result": {"steps": 1000, "box_iou": 0.739, "point_iou": 0.70, "reached_target": False},
+        "key": {"settings": {"target_box_iou": 0.8}},
+    }
+
+    note = teacher_training_note({"clip": clip, "sam": sam})
+
+    assert "CLIP after 900 steps: shape 0.813 and colour 1.000" in note
+    assert "(targets 0.80 / 0.80, reached)" in note
+    assert "by the largest object, shape 0.540 and colour 0.873" in note
+    assert "box-prompted mask IoU 0.739 (target 0.80, NOT reached)" in note
+    assert teacher_training_note({"clip": None, "sam": None}) == "The teachers' training records were not found."

@@ -74,9 +74,10 @@ def test_clip_teacher_reused_after_training(tmp_path, ray_cluster):
     assert testbed.cached_teacher(other, "clip") is None
 
 
-def test_scene_seed_shared_with_a_teacher_is_rejected(tmp_path):
-    config = _config(tmp_path, "testbed.seed=2000")
-    with pytest.raises(ValueError, match="testbed.seed 2000 is one of the clip teacher's scene seeds"):
+@pytest.mark.parametrize("seed", [1000, 1001, 2000, 2001])
+def test_scene_seed_shared_with_a_teacher_is_rejected(tmp_path, seed):
+    config = _config(tmp_path, f"testbed.seed={seed}")
+    with pytest.raises(ValueError, match=f"testbed.seed {seed} is one of the clip teacher's scene seeds"):
         testbed.teacher_settings(config, "clip")
 
 
