@@ -52,7 +52,10 @@ class SamTrainConfig:
     eval_scenes: int = 100
     scene_size: int = DEFAULT_SIZE
     batch_size: int = 8  # images per step
-    prompts_per_image: int = 4  # prompts per image, each on an object drawn with replacement
+    # prompts per image, each on an object drawn with replacement. The image encoder's cost is
+    # shared by all prompts: at 16 the held-out box IoU reached 0.74 by step 700, where 4
+    # prompts had needed 1000 steps.
+    prompts_per_image: int = 16
     point_fraction: float = 0.5  # share of prompts that are one interior point instead of a box
     box_jitter: float = 0.1  # largest box-corner offset as a fraction of the box side
     max_steps: int = 1000
