@@ -14,6 +14,9 @@ from samclip.config import RayConfig
 
 logger = logging.getLogger(__name__)
 
+# the logger of ray.train.v2's PlacementGroupCleaner actor (Ray 2.60)
+CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
 # Ray 2.60 listens on the machine's routable address and turns token authentication on by
 # default; these keep a local cluster on loopback and out of the home folder. They are also set
 # in samclip.tasks before ray is imported, because Ray reads some of them at import time.
@@ -57,6 +60,8 @@ def init_ray(config: RayConfig | None = None) -> dict[str, str]:
         started = "joined"
     else:
         logger.info("starting a local Ray on 127.0.0.1")
+        if not config.include_dashboard:
+            runtime_env["worker_process_setup_hook"] = f"{__name__}.quiet_placement_group_cleaner"
         kwargs = {}
         if config.object_store_memory_mb:
             kwargs["object_store_memory"] = config.object_store_memory_mb * 1024 * 1024
@@ -72,6 +77,17 @@ def init_ray(config: RayConfig | None = None) -> dict[str, str]:
         started = "local"
     _quiet_ray_data()
     return {"address": ray.get_runtime_context().gcs_address, "started": started}
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Keep Ray Train's placement-group cleaner from warning every second without a dashboard.
+
+    The cleaner, an actor beside each Ray Train run, asks the State API every second whether the
+    run's controller is still alive. The State API is served by the dashboard, so on a local Ray
+    started without one every question fails with the same warning for the whole run, burying
+    the training progress. Errors still show. Runs as each worker's setup hook.
+    """
+    logging.getLogger(CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _quiet_ray_data() -> None:
