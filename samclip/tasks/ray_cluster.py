@@ -82,7 +82,7 @@ def init_ray(config: RayConfig | None = None) -> dict[str, str]:
 def quiet_placement_group_cleaner() -> None:
     """Keep Ray Train's placement-group cleaner from warning every second without a dashboard.
 
-    The cleaner, an actor beside each Ray Train run, asks the State API every second whether the
+    The cleaner, an actor beside each Ray Train run, queries the State API every second whether the
     run's controller is still alive. The State API is served by the dashboard, so on a local Ray
     started without one every question fails with the same warning for the whole run, burying
     the training progress. Errors still show. Runs as each worker's setup hook.
