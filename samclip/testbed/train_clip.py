@@ -13,7 +13,7 @@ colour (5 colours, chance 20%), on two held-out sets:
   apply to these: training stops when both accuracies reach theirs, or after ``max_steps``.
 - ordinary scenes of one to three objects (seed ``eval_seed``), against the label of the
   largest object, the label the pipeline's evaluation uses. These are reported, not targeted:
-  captions name every object, so a model that knows which classes are present but not which is
+  captions name every object, so a model that identifies which classes are present but not which is
   largest scores only the mean of 1 / (distinct classes in the scene), 0.71 on the default 300
   held-out scenes.
 
