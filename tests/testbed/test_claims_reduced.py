@@ -61,7 +61,7 @@ def test_claim_2_direction_naive_distillation_forgets_masks(claims_run):
 
 
 # In the reduced run, claim 5's direction is met by a small margin (0.060 through both heads, 0.056
-# from the CLIP head alone); the full run does not (0.047 and 0.180, docs/testbed.md).
+# from the CLIP head alone); in the full run it is not (0.047 and 0.180, docs/testbed.md).
 def test_claim_5_direction_both_heads_segment_better(claims_run):
     _, _, outputs = claims_run
     merged = _metrics(outputs, "samclip")
