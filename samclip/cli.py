@@ -210,7 +210,7 @@ def _verify_registered(args: argparse.Namespace) -> int:
 
     from samclip.config import PipelineConfig
     from samclip.tasks.evaluate import evaluate
-    from samclip.tasks.register import load_registered
+    from samclip.tasks.register import load_registered, registered_metrics
 
     if "@" not in args.model:
         print(f"invalid model {args.model!r}: expected NAME@ALIAS", file=sys.stderr)
@@ -235,7 +235,7 @@ def _verify_registered(args: argparse.Namespace) -> int:
         # the registered version already has its MLflow run; this one is only a check
         check = config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"mlflow": False})})
         datasets = evaluate_datasets(check, None, model=model, name=f"verify-{name}-v{meta['version']}-datasets")
-        metrics.update(datasets.metrics)
+        metrics = registered_metrics(result, datasets)
     registered = meta["evaluation"]
     print(f"{name}@{alias} is version {meta['version']} (run {meta['run_id']})")
     worst = 0.0

@@ -87,6 +87,11 @@ class TeachersConfig(Section):
     seed: int = 0  # seed of the random smoke teachers
     cache_dir: str | None = None  # local folder for copies of remote teacher files; None: $SAMCLIP_CACHE_DIR or ~/.cache/samclip
 
+    @property
+    def random(self) -> bool:
+        """True when either teacher may be written with random weights (the smoke profile)."""
+        return self.sam.create_random or self.clip.create_random
+
 
 class StudentConfig(Section):
     arch: str = "tiny"  # student registry name: tiny or vit_b

@@ -287,7 +287,7 @@ def evaluate(
         storage.write_bytes(uri, png)
         overlays.append(uri)
 
-    random_teachers = config.teachers.sam.create_random or config.teachers.clip.create_random
+    random_teachers = config.teachers.random
     report = {
         "name": name,
         "checkpoint_uri": checkpoint_uri,

@@ -102,7 +102,7 @@ def pipeline_flow(profile: str = "smoke", overrides: list[str] | None = None) ->
         registered=registered,
         final_checkpoint=final_checkpoint,
         datasets=datasets,
-        random_teachers=config.teachers.sam.create_random or config.teachers.clip.create_random,
+        random_teachers=config.teachers.random,
         timings=timings,
         flow_started=flow_started,
     )

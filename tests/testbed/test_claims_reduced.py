@@ -60,8 +60,8 @@ def test_claim_2_direction_naive_distillation_forgets_masks(claims_run):
     assert naive["sam/box_miou_vs_truth"] < sam_teacher["sam/box_miou_vs_truth"]
 
 
-# In the reduced run, claim 5's direction is met by a small margin (0.060 through both heads, 0.056
-# from the CLIP head alone); in the full run it is not (0.047 and 0.180, docs/testbed.md).
+# In the reduced run, claim 5's direction is met by a small margin: 0.060 through both heads
+# against 0.056 from the CLIP head alone. In the full run it is not (0.047 and 0.180).
 def test_claim_5_direction_both_heads_segment_better(claims_run):
     _, _, outputs = claims_run
     merged = _metrics(outputs, "samclip")
